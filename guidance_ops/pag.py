@@ -1,0 +1,46 @@
+"""Perturbed-Attention Guidance (Ahn et al., ECCV 2024, arXiv 2403.17377).
+
+Perturbed self-attention (PSA) replaces the attention map of the chosen self-attention layers by the identity,
+so each token attends only to itself and the layer returns its value projection (the output projection still
+runs afterwards). Guidance then pushes away from the prediction made with PSA (paper eq. 11, in the form used
+together with CFG by diffusers and ComfyUI):
+
+    D = D_cfg + s_t * (D_c - D_perturbed)
+
+The combination is linear, so it is the same in x0, eps or v space.
+"""
+import torch
+
+
+def identity_attention(v):
+    """PSA: the attention map is the identity, so the attention output is the value itself."""
+    return v
+
+
+def adaptive_scale(scale, adaptive, timestep):
+    """diffusers' optional damping ``s_t = max(0, s - a * (1000 - t))`` for a discrete timestep ``t`` in [0, 1000].
+
+    ``adaptive = 0`` gives the constant scale of the paper.
+    """
+    return max(0.0, scale - adaptive * (1000.0 - float(timestep)))
+
+
+def pag_guidance(denoised, cond_denoised, perturbed_denoised, scale):
+    """Add the perturbed-attention guidance term to an already guided prediction."""
+    return denoised + scale * (cond_denoised - perturbed_denoised)
+
+
+def rescale_to_reference(guided, reference, phi):
+    """Guidance rescale (Lin et al. 2024, eq. 15-16): match the per-sample std of ``guided`` to ``reference``
+    and blend with weight ``phi`` (0 = off), which counters the over-exposure large guidance causes."""
+    if phi == 0:
+        return guided
+    dims = tuple(range(1, guided.ndim))
+    ratio = reference.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-12)
+    return phi * guided * ratio + (1.0 - phi) * guided
+
+
+def in_window(sigma, sigma_start, sigma_end):
+    """True when ``sigma`` lies in the closed window [sigma_end, sigma_start] (sigmas fall during sampling)."""
+    s = float(torch.as_tensor(sigma).flatten()[0])
+    return sigma_end <= s <= sigma_start

