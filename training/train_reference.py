@@ -1,0 +1,271 @@
+"""Train the pack's reference model on real handwritten digits (see training/digits.py), CPU only.
+
+Three parts, all built from ComfyUI's own classes through the pack's host adapter, so the loader node rebuilds
+exactly what was trained:
+- a small KL autoencoder (128x128 RGB <-> 16x16x4 latents, SD1.5's conventions, latent scale 0.18215),
+- a small SD1-style CLIP text encoder with the real SD1 tokenizer, frozen at its seeded random init,
+- a small SD1.5 UNet (spatial transformers at 8x8 and 4x4 plus the middle block), trained as an
+  eps-prediction model on SD1.5's noise schedule with 10% caption dropout (for classifier-free guidance).
+
+Deterministic (fixed seeds), resumable (checkpoints in training/work/, re-run the same command to go on):
+
+    python -m training.train_reference --vae-steps 600 --unet-minutes 50
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from harness import comfy_host
+from training import digits
+
+WORK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "work")
+OUT = os.path.join(comfy_host.PACK_DIR, "reference_model", "trainfree_digits.safetensors")
+SEED = 20261124
+
+UNET_CONFIG = {
+    "use_checkpoint": False, "image_size": 16, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+    "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4],
+    "transformer_depth": [0, 0, 1, 1, 1, 1], "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1],
+    "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 64,  # output depths are popped from the end
+    "use_temporal_resblock": False, "use_temporal_attention": False}
+CLIP_CONFIG = {
+    "architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0,
+    "eos_token_id": 49407, "hidden_act": "quick_gelu", "hidden_size": 64, "initializer_factor": 1.0,
+    "initializer_range": 0.02, "intermediate_size": 256, "layer_norm_eps": 1e-05, "max_position_embeddings": 77,
+    "model_type": "clip_text_model", "num_attention_heads": 2, "num_hidden_layers": 2, "pad_token_id": 1,
+    "projection_dim": 64, "torch_dtype": "float32", "vocab_size": 49408}
+VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": digits.SIZE, "in_channels": 3, "out_ch": 3,
+                "ch": 32, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+LATENT_CHANNELS = 4
+LATENT_SCALE = 0.18215  # SD1.5's latent format: the VAE's latents are scaled to about unit std by this
+RENDERS_PER_SCAN = 4
+
+
+def init_fan_in(module, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+            elif name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+
+
+def checkpoint_path(name):
+    os.makedirs(WORK, exist_ok=True)
+    return os.path.join(WORK, name)
+
+
+# ---------------------------------------------------------------- autoencoder
+
+def vae_step(ae, images, kl_weight=1e-6):
+    x = images * 2 - 1
+    moments = ae.quant_conv(ae.encoder(x))
+    mean, logvar = moments.chunk(2, dim=1)
+    logvar = logvar.clamp(-30, 20)
+    z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+    recon = ae.decoder(ae.post_quant_conv(z))
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
+    return F.l1_loss(recon, x) + F.mse_loss(recon, x) + kl_weight * kl
+
+
+def train_vae(host, scans, labels, train_idx, steps, batch=16, crop=64):
+    path = checkpoint_path("vae.pt")
+    ae = host.build_kl_autoencoder(VAE_DDCONFIG, LATENT_CHANNELS)
+    init_fan_in(ae, SEED)
+    opt = torch.optim.AdamW(ae.parameters(), lr=1e-3, weight_decay=0.0)
+    step = 0
+    if os.path.exists(path):
+        state = torch.load(path)
+        ae.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
+        step = state["step"]
+    started = time.time()
+    while step < steps:
+        images = digits.examples(scans, labels, train_idx, batch, seed=SEED + step)[0]
+        g = torch.Generator().manual_seed(step)
+        y, x = torch.randint(0, digits.SIZE - crop + 1, (2,), generator=g).tolist()
+        images = images[:, :, y:y + crop, x:x + crop] if crop < digits.SIZE else images
+        for group in opt.param_groups:
+            group["lr"] = 1e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
+        loss = vae_step(ae, images)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 100 == 0 or step == steps:
+            print(f"vae step {step}/{steps} loss {loss.item():.4f} ({time.time() - started:.0f} s)", flush=True)
+            torch.save({"model": ae.state_dict(), "opt": opt.state_dict(), "step": step}, path)
+    return ae
+
+
+def normalise_latent_scale(ae, latents_std):
+    """Reparametrise the encoder's output and the decoder's input so that latents have std 1 / LATENT_SCALE,
+    which SD1.5's latent format expects; the autoencoder's function is unchanged."""
+    k = (1.0 / LATENT_SCALE) / latents_std
+    with torch.no_grad():
+        qc, pqc = ae.quant_conv, ae.post_quant_conv
+        qc.weight[:LATENT_CHANNELS] *= k
+        qc.bias[:LATENT_CHANNELS] *= k
+        qc.bias[LATENT_CHANNELS:] += 2 * math.log(k)
+        pqc.weight /= k
+
+
+@torch.no_grad()
+def encode(ae, images, batch=64):
+    out = []
+    for i in range(0, len(images), batch):
+        moments = ae.quant_conv(ae.encoder(images[i:i + batch] * 2 - 1))
+        out.append(moments.chunk(2, dim=1)[0])
+    return torch.cat(out)
+
+
+def dataset_latents(ae, scans, labels, train_idx):
+    path = checkpoint_path("latents.pt")
+    if os.path.exists(path):
+        return torch.load(path)
+    count = len(train_idx) * RENDERS_PER_SCAN
+    latents, captions = [], []
+    for start in range(0, count, 512):
+        images, caps = digits.examples(scans, labels, train_idx, min(512, count - start), seed=SEED + 10**6 + start)[:2]
+        latents.append(encode(ae, images))
+        captions += caps
+        print(f"encoded {start + len(caps)}/{count}", flush=True)
+    data = {"latents": torch.cat(latents), "captions": captions}
+    torch.save(data, path)
+    return data
+
+
+# ---------------------------------------------------------------- text encoder and UNet
+
+def text_encoder(host):
+    path = checkpoint_path("clip.pt")
+    clip = host.build_sd1_text_encoder(CLIP_CONFIG)
+    if os.path.exists(path):
+        clip.cond_stage_model.load_state_dict(torch.load(path))
+    else:
+        init_fan_in(clip.cond_stage_model, SEED + 1)
+        torch.save(clip.cond_stage_model.state_dict(), path)
+    return clip
+
+
+@torch.no_grad()
+def embed(clip, texts):
+    out = {}
+    for text in texts:
+        cond, _ = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+        out[text] = cond[0]
+    return out
+
+
+def train_unet(host, latents, captions, embeddings, minutes, batch=64, lr=5e-4, ema_decay=0.999, drop=0.1):
+    path = checkpoint_path("unet.pt")
+    patcher = host.build_diffusion_model("SD15", UNET_CONFIG)
+    model = patcher.model
+    net = model.diffusion_model
+    init_fan_in(net, SEED + 2)
+    ema = copy.deepcopy(net.state_dict())
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
+    step, spent = 0, 0.0
+    if os.path.exists(path):
+        state = torch.load(path)
+        net.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
+        ema, step, spent = state["ema"], state["step"], state["seconds"]
+    sigmas = model.model_sampling.sigmas
+    x0_all = model.latent_format.process_in(latents)
+    empty = embeddings[""]
+    cond_all = torch.stack([embeddings[c] for c in captions])
+    g = torch.Generator().manual_seed(SEED + 3)
+    g.manual_seed(SEED + 3 + step)
+    started = time.time() - spent
+    net.train()
+    while time.time() - started < minutes * 60:
+        idx = torch.randint(len(x0_all), (batch,), generator=g)
+        x0 = x0_all[idx]
+        flip = torch.rand(batch, generator=g) < drop
+        context = torch.where(flip[:, None, None], empty[None], cond_all[idx])
+        t = torch.randint(0, len(sigmas), (batch,), generator=g)
+        sigma = sigmas[t]
+        noise = torch.randn(x0.shape, generator=g)
+        noisy = x0 + noise * sigma[:, None, None, None]
+        denoised = model.apply_model(noisy, sigma, c_crossattn=context)
+        eps = (noisy - denoised) / sigma[:, None, None, None]
+        loss = F.mse_loss(eps, noise)
+        warm = min(1.0, (step + 1) / 500)
+        for group in opt.param_groups:
+            group["lr"] = lr * warm
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        step += 1
+        with torch.no_grad():
+            decay = min(ema_decay, (1 + step) / (10 + step))
+            for k, v in net.state_dict().items():
+                ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay) if v.dtype.is_floating_point else ema[k].copy_(v)
+        if step % 100 == 0:
+            elapsed = time.time() - started
+            print(f"unet step {step} loss {loss.item():.4f} ({elapsed:.0f} s, {elapsed / step:.2f} s/step)", flush=True)
+        if step % 500 == 0:
+            torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "ema": ema, "step": step,
+                        "seconds": time.time() - started}, path)
+    torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "ema": ema, "step": step,
+                "seconds": time.time() - started}, path)
+    return ema, step, time.time() - started
+
+
+def export(ae, clip, unet_state, info):
+    from safetensors.torch import save_file
+    tensors = {}
+    for prefix, state, dtype in (("unet.", unet_state, torch.float32), ("vae.", ae.state_dict(), torch.float32),
+                                 ("clip.", clip.cond_stage_model.state_dict(), torch.float16)):
+        for k, v in state.items():
+            tensors[prefix + k] = v.detach().to(dtype).contiguous()
+    metadata = {"trainfree_reference": json.dumps({
+        "unet_config": UNET_CONFIG, "clip_config": CLIP_CONFIG, "vae_ddconfig": VAE_DDCONFIG,
+        "latent_channels": LATENT_CHANNELS, "model_config": "SD15", **info})}
+    os.makedirs(os.path.dirname(OUT), exist_ok=True)
+    save_file(tensors, OUT, metadata=metadata)
+    print(f"wrote {OUT} ({os.path.getsize(OUT) / 2**20:.1f} MiB)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--vae-steps", type=int, default=600)
+    parser.add_argument("--unet-minutes", type=float, default=50)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(SEED)
+    comfy_host.boot()
+    host = comfy_host.pack_module("nodes.host")
+    scans, labels = digits.load_scans()
+    train_idx, _ = digits.split(labels)
+    ae = train_vae(host, scans, labels, train_idx, args.vae_steps)
+    if not os.path.exists(checkpoint_path("latents.pt")):
+        probe = encode(ae, digits.examples(scans, labels, train_idx, 256, seed=SEED + 7)[0])
+        normalise_latent_scale(ae, probe.std().item())
+        torch.save({"model": ae.state_dict(), "opt": {}, "step": args.vae_steps, "normalised": True},
+                   checkpoint_path("vae_normalised.pt"))
+    else:
+        ae.load_state_dict(torch.load(checkpoint_path("vae_normalised.pt"))["model"])
+    data = dataset_latents(ae, scans, labels, train_idx)
+    print(f"latent std {data['latents'].std().item():.3f} (target {1 / LATENT_SCALE:.3f})")
+    clip = text_encoder(host)
+    embeddings = embed(clip, [""] + digits.all_captions())
+    ema, steps, seconds = train_unet(host, data["latents"], data["captions"], embeddings, args.unet_minutes)
+    export(ae, clip, ema, {"unet_steps": steps, "unet_seconds": round(seconds), "vae_steps": args.vae_steps,
+                           "seed": SEED, "train_scans": len(train_idx), "renders_per_scan": RENDERS_PER_SCAN})
+
+
+if __name__ == "__main__":
+    main()
