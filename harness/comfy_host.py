@@ -86,7 +86,7 @@ def execute_prompt(prompt, prompt_id="trainfree"):
                                         cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
     executor.execute(prompt, prompt_id, extra_data={}, execute_outputs=valid[2])
     if not executor.success:
-        errors = [d for e, d in executor.server.messages if e == "execution_error"]
+        errors = [d for e, d in executor.status_messages if e == "execution_error"]
         raise PromptError(f"prompt failed: {errors}")
     return executor.history_result["outputs"]
 

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import time
+import zlib
 
 from harness import comfy_host, tiny_models
 from harness.workflow_api import ui_to_api
@@ -32,10 +33,11 @@ class _TinyLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"family": (list(tiny_models.FAMILIES),)}}
+        return {"required": {"family": (list(tiny_models.FAMILIES),)}, "optional": {"variant": ("STRING", {})}}
 
-    def load(self, family):
-        made = {"MODEL": lambda: tiny_models.make_model(family), "CLIP": tiny_models.make_clip,
+    def load(self, family, variant=""):
+        seed = zlib.crc32(variant.encode()) % 1000  # different files in a workflow stay different models
+        made = {"MODEL": lambda: tiny_models.make_model(family, seed), "CLIP": tiny_models.make_clip,
                 "VAE": lambda: tiny_models.make_vae(tiny_models.LATENT_CHANNELS[family])}
         return tuple(made[kind]() for kind in self.RETURN_TYPES)
 
@@ -73,7 +75,8 @@ def to_test_prompt(path, max_size=128, max_steps=4):
     family = family_of(path)
     for node in prompt.values():
         if node["class_type"] in LOADERS:
-            node["class_type"], node["inputs"] = LOADERS[node["class_type"]], {"family": family}
+            variant = next((v for v in node["inputs"].values() if isinstance(v, str)), "")
+            node["class_type"], node["inputs"] = LOADERS[node["class_type"]], {"family": family, "variant": variant}
         elif node["class_type"] in LATENT_NODES:
             for side in ("width", "height"):
                 node["inputs"][side] = min(node["inputs"][side], max_size)

@@ -41,6 +41,9 @@ def init_fan_in(module, seed):
                 p.fill_(1.0)
             else:
                 p.zero_()
+        for name, b in module.named_buffers():
+            if name.endswith("pos_embed"):  # SD3 keeps its position table as an uninitialised buffer
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
 
 
 def _config(family):

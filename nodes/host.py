@@ -32,6 +32,7 @@ DIT_FAMILIES = ("sd3", "flux")
 # Feature probe: ComfyUI routes attention through a user override only since the ``wrap_attn`` decorator exists.
 HAS_ATTENTION_OVERRIDE = hasattr(comfy_attention, "wrap_attn")
 _RUNS = "trainfree_runs"
+_GUIDANCE_OFF = "trainfree_guidance_off"  # model_options flag: a patch switched guidance off for this evaluation
 _IDENTITY_CHUNKS = "trainfree_identity_chunks"
 
 
@@ -105,8 +106,8 @@ def new_key(technique):
 # ---------------------------------------------------------------- per-run state
 
 class RunScope:
-    """Per-run state of one patch. ``state`` is ``make_state(guider)`` while a sampling run is under way and
-    None otherwise; ``finish(state)`` runs when the run ends and returns the report kept in ``last_report``."""
+    """Per-run state of one patch. ``state`` is ``make_state(guider, noise, latent_image, ...)`` (the guider and
+    the arguments of its outer_sample) while a sampling run is under way and None otherwise; ``finish(state)`` runs when the run ends and returns the report kept in ``last_report``."""
 
     def __init__(self, model, key, make_state, finish=None):
         self.key = key
@@ -121,7 +122,7 @@ class RunScope:
 
     def _outer_sample(self, executor, *args, **kwargs):
         outer = self.state  # a nested run (a sampler inside a sampler) gets its own state
-        self.state = self._make_state(executor.class_obj)
+        self.state = self._make_state(executor.class_obj, *args)
         try:
             return executor(*args, **kwargs)
         finally:
@@ -139,6 +140,125 @@ def add_post_cfg(model, fn):
     model.set_model_sampler_post_cfg_function(fn)
 
 
+def is_flow_model(model):
+    """True for rectified-flow models (SD3, Flux): x = (1 - sigma) x0 + sigma eps in ComfyUI's space."""
+    import comfy.model_sampling
+    return isinstance(model_sampling(model), comfy.model_sampling.CONST)
+
+
+def add_guidance_delta(model, technique, needs_uncond):
+    """Register a guidance technique that replaces plain CFG's combination of the two denoised predictions.
+
+    ``technique(cond, uncond, scale, sigma, x)`` returns the technique's denoised prediction; the patch adds its
+    difference from plain CFG to whatever the sampler has so far, so patches before and after it still act.
+    With ``needs_uncond`` the unconditional pass also runs at cfg 1 (the technique has its own scales).
+    """
+    def post_cfg(args):
+        if args["uncond"] is None or args["model_options"].get(_GUIDANCE_OFF):
+            return args["denoised"]  # no unconditional prediction, or a patch turned guidance off here
+        cond, uncond, scale = args["cond_denoised"], args["uncond_denoised"], args["cond_scale"]
+        plain = uncond + (cond - uncond) * scale
+        return args["denoised"] + (technique(cond, uncond, scale, args["sigma"], args["input"]) - plain)
+    model.set_model_sampler_post_cfg_function(post_cfg, disable_cfg1_optimization=needs_uncond)
+
+
+def override_cfg_per_evaluation(model, scope, choose, after=None):
+    """A PREDICT_NOISE wrapper: ``choose(state, sigma, x, model_options, sampler_cfg)`` gives the CFG scale for
+    this model evaluation or None to keep the sampler's. 1.0 switches guidance off: ComfyUI skips the
+    unconditional pass unless a patch forces it, and techniques registered with ``add_guidance_delta`` stand
+    aside as well. Then
+    ``after(state, denoised, sigma, x, sampler_cfg)`` may rewrite the result. The sampler's scale is restored."""
+    def predict_noise(executor, x, timestep, model_options, seed):
+        state = scope.state
+        guider = executor.class_obj
+        if state is None:
+            return executor(x, timestep, model_options, seed)
+        sampler_cfg = guider.cfg
+        cfg = choose(state, timestep, x, model_options, sampler_cfg)
+        if cfg is not None:
+            guider.cfg = cfg
+            if cfg == 1.0:
+                model_options = {**model_options, _GUIDANCE_OFF: True}
+        try:
+            out = executor(x, timestep, model_options, seed)
+        finally:
+            guider.cfg = sampler_cfg
+        return out if after is None else after(state, out, timestep, x, sampler_cfg)
+    model.add_wrapper_with_key(Wrappers.PREDICT_NOISE, scope.key, predict_noise)
+
+
+def uncond_pass_runs(model_options):
+    """Whether ComfyUI runs the unconditional pass at cfg 1 (a patch asked for it)."""
+    return bool(model_options.get("disable_cfg1_optimization", False))
+
+
+def process_latent_in(model, latent):
+    return model.model.process_latent_in(latent)
+
+
+def predict_with(other, conds, x, sigma):
+    """The denoised prediction of another (already loaded) model for one conditioning."""
+    import comfy.samplers
+    other.pre_run()
+    return comfy.samplers.calc_cond_batch(other.model, [conds], x, sigma, other.model_options)[0]
+
+
+def attach_model(model, key, other):
+    """Have ComfyUI load ``other`` together with ``model`` for sampling."""
+    if other.model is model.model and other.patches_uuid != model.patches_uuid:
+        raise UnsupportedModel("the second model shares its weights with the first but carries other weight "
+                               "patches (a LoRA); ComfyUI cannot hold both at once. Load it from its own loader.")
+    model.set_additional_models(key, [other])
+
+
+def replace_uncond_with_guide(model, guide, scope, use_negative_prompt):
+    """Two-model guidance: on the sampler's main evaluation, the unconditional slot is filled by ``guide``'s
+    prediction (with the positive prompt for autoguidance, the negative one for NPO-style guidance), so CFG and
+    every other patch combine the main model's conditional prediction with the guide's."""
+    attach_model(model, scope.key, guide)
+
+    def calc_cond_batch(executor, model_, conds, x_in, timestep, model_options):
+        state = _take_main_evaluation(scope)
+        if state is None:
+            return executor(model_, conds, x_in, timestep, model_options)
+        main = executor(model_, [conds[0], None] + list(conds[2:]), x_in, timestep, model_options)
+        if conds[1] is None:  # cfg 1 (or guidance switched off): the unconditional slot is not used
+            return main
+        guide_conds = conds[1] if use_negative_prompt else conds[0]
+        guided = predict_with(guide, guide_conds, x_in, timestep)
+        state.guide_passes += 1
+        return [main[0], guided] + list(main[2:])
+
+    _track_main_evaluation(model, scope)
+    model.add_wrapper_with_key(Wrappers.CALC_COND_BATCH, scope.key, calc_cond_batch)
+
+
+# ---------------------------------------------------------------- the sampler's main evaluation
+
+def _track_main_evaluation(model, scope):
+    """Mark each model evaluation of the sampler, so that a CALC_COND_BATCH wrapper can tell the sampler's own
+    cond/uncond batch (the first one after the mark) from the extra passes other patches make."""
+    def predict_noise(executor, *args, **kwargs):
+        state = scope.state
+        if state is None:
+            return executor(*args, **kwargs)
+        state.main_pending = True
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            state.main_pending = False
+    model.add_wrapper_with_key(Wrappers.PREDICT_NOISE, scope.key, predict_noise)
+
+
+def _take_main_evaluation(scope):
+    """The run state if this cond batch is the sampler's main one (consuming the mark), else None."""
+    state = scope.state
+    if state is None or not state.main_pending:
+        return None
+    state.main_pending = False
+    return state
+
+
 # ---------------------------------------------------------------- extra conditional pass
 
 def add_extra_cond_pass(model, scope, wanted):
@@ -151,22 +271,11 @@ def add_extra_cond_pass(model, scope, wanted):
     """
     key = scope.key
 
-    def predict_noise(executor, *args, **kwargs):
-        state = scope.state
-        if state is None:
-            return executor(*args, **kwargs)
-        state.main_pending, state.extra_output = True, None
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            state.main_pending, state.extra_output = False, None
-
     def calc_cond_batch(executor, model_, conds, x_in, timestep, model_options):
-        state = scope.state
-        if state is None or not state.main_pending:
-            return executor(model_, conds, x_in, timestep, model_options)
-        state.main_pending = False
-        if conds[0] is None or not wanted(state, timestep):
+        state = _take_main_evaluation(scope)
+        if state is not None:
+            state.extra_output = None
+        if state is None or conds[0] is None or not wanted(state, timestep):
             return executor(model_, conds, x_in, timestep, model_options)
         options = dict(model_options)
         options["transformer_options"] = {**model_options.get("transformer_options", {}), key: len(conds)}
@@ -175,7 +284,7 @@ def add_extra_cond_pass(model, scope, wanted):
         state.extra_passes += 1
         return out[:-1]
 
-    model.add_wrapper_with_key(Wrappers.PREDICT_NOISE, key, predict_noise)
+    _track_main_evaluation(model, scope)
     model.add_wrapper_with_key(Wrappers.CALC_COND_BATCH, key, calc_cond_batch)
 
 
@@ -314,3 +423,68 @@ def _attention_output_layout(v, heads, kwargs):
         b, n, hd = v.shape
         return v.reshape(b, n, heads, hd // heads).transpose(1, 2)
     return v
+
+
+# ---------------------------------------------------------------- building models from ComfyUI's classes
+
+def build_diffusion_model(config_name, unet_config, state_dict=None):
+    """A ModelPatcher around ``comfy.supported_models.<config_name>`` with ``unet_config`` (float32)."""
+    import torch
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    config = getattr(comfy.supported_models, config_name)(dict(unet_config))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, device=torch.device("cpu"))
+    if state_dict is not None:
+        model.diffusion_model.load_state_dict(state_dict, strict=True)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def build_sd1_text_encoder(transformer_config, state_dict=None):
+    """A CLIP (text encoder + the real SD1 tokenizer) whose transformer has ``transformer_config``."""
+    import functools
+    import torch
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+    encoder = functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=dict(transformer_config),
+                                return_projected_pooled=False)
+
+    def build(**params):
+        return comfy.sd1_clip.SD1ClipModel(clip_model=encoder, **params)
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, build)
+    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
+    if state_dict is not None:
+        clip.cond_stage_model.load_state_dict(state_dict, strict=True)
+    return clip
+
+
+def build_kl_autoencoder(ddconfig, embed_dim, state_dict=None):
+    """The bare ``AutoencoderKL`` module (for training), or a comfy VAE around it when ``state_dict`` is given."""
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    params = {"ddconfig": dict(ddconfig), "embed_dim": embed_dim}
+    if state_dict is None:
+        return AutoencoderKL(**params)
+    import comfy.sd
+    vae = comfy.sd.VAE(sd=state_dict, config={"params": params})
+    vae.latent_channels = embed_dim
+    return vae
+
+
+def load_reference_model(path):
+    """(MODEL, CLIP, VAE) of a reference model file written by training/train_reference.py."""
+    import json
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    with safe_open(path, framework="pt") as f:
+        info = json.loads(f.metadata()["trainfree_reference"])
+    tensors = load_file(path)
+    parts = {"unet.": {}, "clip.": {}, "vae.": {}}
+    for key, value in tensors.items():
+        prefix = key[:key.index(".") + 1]
+        parts[prefix][key[len(prefix):]] = value.float()
+    model = build_diffusion_model(info["model_config"], info["unet_config"], parts["unet."])
+    clip = build_sd1_text_encoder(info["clip_config"], parts["clip."])
+    vae = build_kl_autoencoder(info["vae_ddconfig"], info["latent_channels"], parts["vae."])
+    return model, clip, vae, info

@@ -74,7 +74,7 @@ class TrainFreePAG:
 
         key = host.new_key("pag")
 
-        def start(guider):
+        def start(guider, *_):
             patcher = guider.model_patcher
             return PAGRun(host.percent_to_sigma(patcher, start_percent), host.percent_to_sigma(patcher, end_percent),
                           lambda sigma: host.sigma_to_timestep(patcher, sigma))

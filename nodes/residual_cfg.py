@@ -1,0 +1,78 @@
+"""StreamDiffusion's residual CFG as a MODEL -> MODEL patch: guidance with no (or one) unconditional pass."""
+import logging
+from types import SimpleNamespace
+
+from ..guidance_ops import residual_cfg
+from . import host
+
+log = logging.getLogger("trainfree")
+MODES = ("one-time negative", "self-negative")
+
+
+class TrainFreeResidualCFG:
+    DESCRIPTION = ("Residual CFG (StreamDiffusion, Kodaira et al. 2023): replaces the unconditional pass by a "
+                   "'virtual residual noise' that points back to an anchor latent. Self-negative: the anchor is the "
+                   "input latent (img2img), no unconditional pass at all. One-time negative: the anchor is the first "
+                   "step's real unconditional prediction, one pass for the whole run. The sampler's cfg is gamma "
+                   "(paper 1.2). Valid for few-step (LCM / Turbo) img2img; on long txt2img runs the anchor is not "
+                   "a negative prompt and the result differs from CFG. Logs the passes it saved.")
+    CATEGORY = "trainfree/guidance"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "Any model (SD1.5, SDXL, SD3, Flux)."}),
+            "mode": (list(MODES), {"default": MODES[0],
+                                   "tooltip": "one-time negative: one real unconditional pass at the first step. "
+                                              "self-negative: none; the anchor is the input latent."}),
+            "delta": ("FLOAT", {"default": residual_cfg.DELTA, "min": 0.0, "max": 2.0, "step": 0.01,
+                                "tooltip": "delta: strength of the virtual residual noise (1 = paper default; "
+                                           "above 1 pushes further from the anchor)."}),
+        }}
+
+    def patch(self, model, mode, delta):
+        m = model.clone()
+        flow = host.is_flow_model(m)
+        one_time = mode == MODES[0]
+
+        def start(guider, noise, latent_image, *_):
+            state = SimpleNamespace(anchor=residual_cfg.ResidualCFGState(), evaluations=0, saved=0, virtual=False)
+            if not one_time:
+                state.anchor.keep_source(host.process_latent_in(guider.model_patcher, latent_image))
+            return state
+
+        def choose(run, sigma, x, model_options, sampler_cfg):
+            run.evaluations += 1
+            run.virtual = run.anchor.ready and sampler_cfg != 1.0
+            if not run.virtual:
+                return None
+            run.saved += not host.uncond_pass_runs(model_options)
+            return 1.0
+
+        def capture_uncond(args):
+            run = scope.state
+            if run is not None and one_time and not run.anchor.ready and args["uncond"] is not None:
+                run.anchor.keep_uncond(args["uncond_denoised"])
+            return args["denoised"]
+
+        def after(run, denoised, sigma, x, sampler_cfg):
+            if not run.virtual:
+                return denoised
+            anchor = run.anchor.anchor.to(denoised.device)
+            return residual_cfg.residual_cfg(denoised, x, sigma, sampler_cfg, anchor, delta, flow)
+
+        def finish(run):
+            log.info("TrainFree residual CFG (%s): %d of %d unconditional passes saved", mode, run.saved,
+                     run.evaluations)
+            return {"evaluations": run.evaluations, "saved_passes": run.saved}
+
+        scope = host.RunScope(m, host.new_key("residual_cfg"), start, finish)
+        host.add_post_cfg(m, capture_uncond)
+        host.override_cfg_per_evaluation(m, scope, choose, after)
+        return (m,)
+
+
+NODE_CLASS_MAPPINGS = {"TrainFreeResidualCFG": TrainFreeResidualCFG}
+NODE_DISPLAY_NAME_MAPPINGS = {"TrainFreeResidualCFG": "Residual CFG (TrainFree)"}
