@@ -4,19 +4,17 @@ from types import SimpleNamespace
 
 from ..guidance_ops import apg
 from . import host
+from .base import ModelPatchNode
 
 SDXL = apg.PRESETS["sdxl"]
 
 
-class TrainFreeAPG:
+class TrainFreeAPG(ModelPatchNode):
     DESCRIPTION = ("Adaptive Projected Guidance (Sadat et al., ICLR 2025): CFG with the guidance direction split "
                    "into parts parallel and orthogonal to the conditional prediction, the parallel part (which "
                    "over-saturates) down-weighted, its norm clipped and a reverse momentum, all on the denoised "
                    "predictions. The sampler's cfg is the guidance scale w. Unlike ComfyUI's core APG node, which "
                    "is one guidance unit stronger (its cfg w behaves like our w + 1), this follows the paper exactly.")
-    CATEGORY = "trainfree/guidance"
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "patch"
 
     @classmethod
     def INPUT_TYPES(cls):

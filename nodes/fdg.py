@@ -1,18 +1,16 @@
 """Frequency-Decoupled Guidance as a MODEL -> MODEL patch (any model family, image and video latents)."""
 from ..guidance_ops import fdg
 from . import host
+from .base import ModelPatchNode
 
 LOW, HIGH = fdg.PRESETS["sdxl"]
 
 
-class TrainFreeFDG:
+class TrainFreeFDG(ModelPatchNode):
     DESCRIPTION = ("Frequency-Decoupled Guidance (Sadat et al. 2025): CFG applied separately to the low- and "
                    "high-frequency bands of a Laplacian pyramid of the denoised predictions, with a low scale for "
                    "the low band (colour, saturation, diversity) and a higher one for detail. Its two scales "
                    "replace the sampler's cfg; the unconditional pass always runs.")
-    CATEGORY = "trainfree/guidance"
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "patch"
 
     @classmethod
     def INPUT_TYPES(cls):

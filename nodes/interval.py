@@ -5,24 +5,22 @@ from types import SimpleNamespace
 
 from ..guidance_ops import interval
 from . import host
+from .base import ModelPatchNode, model_input
 
 log = logging.getLogger("trainfree")
 _, LOW, HIGH = interval.PRESETS["sdxl"]
 NO_LIMIT = 1000.0
 
 
-class TrainFreeGuidanceInterval:
+class TrainFreeGuidanceInterval(ModelPatchNode):
     DESCRIPTION = ("Guidance interval (Kynkaanniemi et al., NeurIPS 2024): apply CFG only while the noise level "
                    "is inside [sigma_low, sigma_high]; elsewhere the conditional prediction is used alone and the "
                    "unconditional pass is not computed at all. Logs how many passes it saved.")
-    CATEGORY = "trainfree/guidance"
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "patch"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "Any model (SD1.5, SDXL, SD3, Flux)."}),
+            "model": model_input(),
             "sigma_low": ("FLOAT", {"default": LOW, "min": 0.0, "max": 1000.0, "step": 0.01,
                                     "tooltip": "Lower end, in EDM sigma units (SD's own sigmas; flow models are "
                                                "converted, sigma_edm = t / (1 - t)). Paper's SDXL value 0.28."}),

@@ -4,19 +4,17 @@ from types import SimpleNamespace
 
 from ..guidance_ops import noise_damped
 from . import host
+from .base import ModelPatchNode
 
 log = logging.getLogger("trainfree")
 
 
-class TrainFreeNoiseDampedCFG:
+class TrainFreeNoiseDampedCFG(ModelPatchNode):
     DESCRIPTION = ("Noise-damped CFG (ScaleCrafter, He et al., ICLR 2024): during the early steps the unconditional "
                    "base of CFG comes from a second, weakly modified model while the guidance direction comes from "
                    "the strongly modified one: D = D_u(weak) + w (D_c - D_u)(strong). ScaleCrafter pairs a strongly "
                    "re-dilated UNet with a weakly re-dilated one for high resolutions; any two models of one family "
                    "work. Costs one extra unconditional pass of the weak model per damped step.")
-    CATEGORY = "trainfree/guidance"
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "patch"
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from ..guidance_ops import pag
 from ..guidance_ops.layers import check_layers, layer_name, parse_layers
 from . import host
+from .base import ModelPatchNode
 
 log = logging.getLogger("trainfree")
 
@@ -26,13 +27,10 @@ class PAGRun:
     extra_output: object = None
 
 
-class TrainFreePAG:
+class TrainFreePAG(ModelPatchNode):
     DESCRIPTION = ("Perturbed-Attention Guidance (Ahn et al. 2024): guides away from a prediction whose chosen "
                    "self-attention maps are replaced by the identity. One extra conditional pass per guided step, "
                    "batched with CFG's own passes. Works with CFG, with core patches and with itself.")
-    CATEGORY = "trainfree/guidance"
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "patch"
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -4,26 +4,24 @@ from types import SimpleNamespace
 
 from ..guidance_ops import residual_cfg
 from . import host
+from .base import ModelPatchNode, model_input
 
 log = logging.getLogger("trainfree")
 MODES = ("one-time negative", "self-negative")
 
 
-class TrainFreeResidualCFG:
+class TrainFreeResidualCFG(ModelPatchNode):
     DESCRIPTION = ("Residual CFG (StreamDiffusion, Kodaira et al. 2023): replaces the unconditional pass by a "
                    "'virtual residual noise' that points back to an anchor latent. Self-negative: the anchor is the "
                    "input latent (img2img), no unconditional pass at all. One-time negative: the anchor is the first "
                    "step's real unconditional prediction, one pass for the whole run. The sampler's cfg is gamma "
                    "(paper 1.2). Valid for few-step (LCM / Turbo) img2img; on long txt2img runs the anchor is not "
                    "a negative prompt and the result differs from CFG. Logs the passes it saved.")
-    CATEGORY = "trainfree/guidance"
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "patch"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "Any model (SD1.5, SDXL, SD3, Flux)."}),
+            "model": model_input(),
             "mode": (list(MODES), {"default": MODES[0],
                                    "tooltip": "one-time negative: one real unconditional pass at the first step. "
                                               "self-negative: none; the anchor is the input latent."}),

@@ -3,20 +3,18 @@ import logging
 from types import SimpleNamespace
 
 from . import host
+from .base import ModelPatchNode
 
 log = logging.getLogger("trainfree")
 MODES = ("autoguidance (guide gets the prompt)", "negative model (guide gets the negative prompt)")
 
 
-class TrainFreeTwoModelGuidance:
+class TrainFreeTwoModelGuidance(ModelPatchNode):
     DESCRIPTION = ("Guidance from a second model. Autoguidance (Karras et al., NeurIPS 2024): D = D_guide(c) + "
                    "w (D_main(c) - D_guide(c)) with a weaker version of the model as guide (paper w about 2). "
                    "NPO / Self-NPO style: the guide is a model tuned towards what you do not want and sees the "
                    "negative prompt in place of the main model's unconditional pass. w is the sampler's cfg. The "
                    "guide's pass replaces the unconditional pass, so the cost stays that of CFG.")
-    CATEGORY = "trainfree/guidance"
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "patch"
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from harness import comfy_host
+from harness.tiny_models import init_fan_in
 from training import digits
 
 WORK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "work")
@@ -46,18 +47,6 @@ VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": digits.SIZE, "i
 LATENT_CHANNELS = 4
 LATENT_SCALE = 0.18215  # SD1.5's latent format: the VAE's latents are scaled to about unit std by this
 RENDERS_PER_SCAN = 4
-
-
-def init_fan_in(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            elif name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.zero_()
 
 
 def checkpoint_path(name):

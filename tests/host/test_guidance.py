@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import FAMILIES, ModelCallCounter, run_node, sample
+from conftest import ModelCallCounter, run_node, sample
 from harness import tiny_models
 
 AUTO = "autoguidance (guide gets the prompt)"

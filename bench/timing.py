@@ -1,0 +1,70 @@
+"""Shared pieces of the speed benchmarks: the full-size SD1.5 UNet with random weights, a row counter, and
+round-robin timing (every configuration in turn, repeated, median per configuration) so that a noisy machine
+slows all configurations alike and the printed ratios stay meaningful."""
+import statistics
+import time
+
+import torch
+
+from harness import tiny_models
+
+# The SD1.5 UNet exactly as comfy/model_detection.py detects it from a real checkpoint.
+SD15_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "use_temporal_attention": False, "use_temporal_resblock": False}
+
+
+def make_sd15(seed=0):
+    import comfy.model_patcher
+    import comfy.supported_models
+    config = comfy.supported_models.SD15(dict(SD15_UNET))
+    config.set_inference_dtype(torch.float32, None)
+    cpu = torch.device("cpu")
+    model = config.get_model({}, device=cpu)
+    tiny_models.init_fan_in(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+class RowCounter:
+    """APPLY_MODEL wrapper: counts the batch rows pushed through the UNet."""
+
+    def __init__(self, model):
+        import comfy.patcher_extension as pe
+        self.rows = 0
+        model.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "bench_counter", self)
+
+    def __call__(self, executor, x, *args, **kwargs):
+        self.rows += x.shape[0]
+        return executor(x, *args, **kwargs)
+
+
+def round_robin(models, steps, repeats, size=256, cfg=5.0):
+    """``{name: (median seconds per step, rows of the last run)}`` for MODEL patchers sampled side by side."""
+    import comfy.sample
+    g = torch.Generator().manual_seed(0)
+    pos = [[torch.randn(1, 77, 768, generator=g), {}]]
+    neg = [[torch.randn(1, 77, 768, generator=g), {}]]
+    latent = torch.zeros(1, 4, size // 8, size // 8)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    counters = {name: RowCounter(m) for name, m in models.items()}
+    times = {name: [] for name in models}
+
+    def run(name):
+        counters[name].rows = 0
+        start = time.perf_counter()
+        comfy.sample.sample(models[name], noise, steps, cfg, "euler", "normal", pos, neg, latent, seed=0,
+                            disable_pbar=True)
+        return (time.perf_counter() - start) / steps
+
+    with torch.inference_mode():
+        for name in models:  # warm-up
+            run(name)
+        for r in range(repeats):
+            for name in models:
+                times[name].append(run(name))
+            print(f"  repeat {r + 1}/{repeats} done", flush=True)
+    return {name: (statistics.median(t), counters[name].rows) for name, t in times.items()}, times
