@@ -106,8 +106,12 @@ def new_key(technique):
 # ---------------------------------------------------------------- per-run state
 
 class RunScope:
-    """Per-run state of one patch. ``state`` is ``make_state(guider, noise, latent_image, ...)`` (the guider and
-    the arguments of its outer_sample) while a sampling run is under way and None otherwise; ``finish(state)`` runs when the run ends and returns the report kept in ``last_report``."""
+    """Per-run state of one patch.
+
+    ``state`` is ``make_state(guider, noise, latent_image, ...)`` (the guider and the arguments of its
+    outer_sample) while a sampling run is under way, None otherwise. ``finish(state)`` runs when the run ends,
+    also on error or interrupt, and returns the report kept in ``last_report`` (numbers, no tensors).
+    """
 
     def __init__(self, model, key, make_state, finish=None):
         self.key = key
@@ -131,9 +135,10 @@ class RunScope:
             self.state = outer
 
 
-def run_scope(model, key):
-    """The scope a patch registered under ``key`` (tests read ``last_report`` through it)."""
-    return model.model_options.get("transformer_options", {}).get(_RUNS, {}).get(key)
+def run_reports(model):
+    """``{key: last_report}`` of every patch on ``model`` that keeps a run scope (what the last run did)."""
+    return {key: scope.last_report for key, scope in model.model_options.get("transformer_options", {})
+            .get(_RUNS, {}).items()}
 
 
 def add_post_cfg(model, fn):
@@ -166,8 +171,8 @@ def override_cfg_per_evaluation(model, scope, choose, after=None):
     """A PREDICT_NOISE wrapper: ``choose(state, sigma, x, model_options, sampler_cfg)`` gives the CFG scale for
     this model evaluation or None to keep the sampler's. 1.0 switches guidance off: ComfyUI skips the
     unconditional pass unless a patch forces it, and techniques registered with ``add_guidance_delta`` stand
-    aside as well. Then
-    ``after(state, denoised, sigma, x, sampler_cfg)`` may rewrite the result. The sampler's scale is restored."""
+    aside as well. Then ``after(state, denoised, sigma, x, sampler_cfg)`` may rewrite the result. The
+    sampler's scale is restored afterwards."""
     def predict_noise(executor, x, timestep, model_options, seed):
         state = scope.state
         guider = executor.class_obj

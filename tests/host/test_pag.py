@@ -12,8 +12,7 @@ def pag(model, scale=3.0, layers="auto", start=0.0, end=1.0, **kw):
 
 
 def report(host, model):
-    scopes = model.model_options["transformer_options"]["trainfree_runs"]
-    return [s.last_report for s in scopes.values()]
+    return list(host.run_reports(model).values())
 
 
 def test_scale_zero_is_exactly_the_unpatched_result(tiny, family):
