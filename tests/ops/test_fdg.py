@@ -5,15 +5,6 @@ from hypothesis import given, settings, strategies as st
 from guidance_ops import fdg
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds contention (the test machine shares two cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @st.composite
 def latent_shapes(draw, min_side=3):
     """Odd and non-power-of-two sides included; the pyramid pads them and crops back."""
