@@ -1,8 +1,9 @@
 """Run every example workflow in workflows/ headless through ComfyUI's real execution engine.
 
-Model loaders are swapped for built-in models (tiny random-weight models of the workflow's family, named by the
-file suffix: ``<technique>_<family>.json``); resolution and steps are capped so a CPU runs each workflow in
-seconds. Images and a one-page report (report.html) are written to --out.
+Model loaders are swapped for built-in models: SD1.5 workflows with one checkpoint run on the pack's trained
+reference model with a digit prompt; the others on tiny random-weight models of the workflow's family (named by the file
+suffix: ``<technique>_<family>.json``), with resolution and steps capped so a CPU runs each in seconds.
+Images and a one-page report (report.html) are written to --out.
 
     python -m harness.run_workflows --out demo_output
 """
@@ -85,11 +86,55 @@ def to_test_prompt(path, max_size=128, max_steps=4):
     return prompt
 
 
-def run(path, out_dir):
+REFERENCE_LOADER = {"class_type": "TrainFreeReferenceModel", "inputs": {"model_file": "trainfree_digits.safetensors"}}
+REFERENCE_SIZE = 128
+
+
+def _text_source(prompt, link):
+    node = prompt[link[0]]
+    while node["class_type"] != "CLIPTextEncode":
+        node = prompt[next(v[0] for v in node["inputs"].values() if isinstance(v, list))]
+    return node
+
+
+def to_reference_prompt(path, caption, batch=1, steps=20, seed=None):
+    """An SD1.5 workflow in API format on the reference model: loader swapped, the sampler's positive prompt set
+    to ``caption`` and its negative to "", 128x128 latents of ``batch`` images, ``steps`` steps."""
+    with open(path) as f:
+        prompt = ui_to_api(json.load(f), node_definitions())
+    for key, node in prompt.items():
+        kind = node["class_type"]
+        if kind == "CheckpointLoaderSimple":
+            prompt[key] = dict(REFERENCE_LOADER)
+        elif kind in LOADERS:
+            raise ValueError(f"{path}: the reference model stands in for CheckpointLoaderSimple only, not {kind}")
+        elif kind in LATENT_NODES:
+            node["inputs"].update(width=REFERENCE_SIZE, height=REFERENCE_SIZE, batch_size=batch)
+    for node in prompt.values():
+        if node["class_type"] in SAMPLER_NODES:
+            node["inputs"]["steps"] = steps
+            if seed is not None:
+                node["inputs"]["seed"] = seed
+            _text_source(prompt, node["inputs"]["positive"])["inputs"]["text"] = caption
+            _text_source(prompt, node["inputs"]["negative"])["inputs"]["text"] = ""
+    return prompt
+
+
+def runs_on_reference_model(path):
+    """SD1.5 workflows with a single checkpoint loader run on the reference model (a workflow that loads two
+    models, such as two-model guidance, needs two different ones: tiny models stand in)."""
+    with open(path) as f:
+        kinds = [n["type"] for n in json.load(f)["nodes"]]
+    return family_of(path) == "sd15" and sum(k in LOADERS for k in kinds) <= 1
+
+
+def run(path, out_dir, caption="a red digit seven on a dark background"):
+    """Execute one workflow: on the reference model where it can, else on tiny models of its family."""
     import folder_paths
     folder_paths.set_output_directory(out_dir)
     started = time.perf_counter()
-    outputs = comfy_host.execute_prompt(to_test_prompt(path), prompt_id=os.path.basename(path))
+    prompt = to_reference_prompt(path, caption) if runs_on_reference_model(path) else to_test_prompt(path)
+    outputs = comfy_host.execute_prompt(prompt, prompt_id=os.path.basename(path))
     images = [img["filename"] for ui in outputs.values() for img in ui.get("images", [])]
     return images, time.perf_counter() - started
 

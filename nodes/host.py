@@ -477,6 +477,19 @@ def build_kl_autoencoder(ddconfig, embed_dim, state_dict=None):
     return vae
 
 
+def unpack_weights(tensors):
+    """float32 weights from a file's packed form: float16 tensors, and int8 tables stored as ``<name>.int8`` with
+    a per-row ``<name>.scale``."""
+    out = {}
+    for key, value in tensors.items():
+        if key.endswith(".int8"):
+            name = key[:-len(".int8")]
+            out[name] = value.float() * tensors[name + ".scale"].float()
+        elif not key.endswith(".scale"):
+            out[key] = value.float() if value.dtype.is_floating_point else value
+    return out
+
+
 def load_reference_model(path):
     """(MODEL, CLIP, VAE) of a reference model file written by training/train_reference.py."""
     import json
@@ -488,7 +501,8 @@ def load_reference_model(path):
     parts = {"unet.": {}, "clip.": {}, "vae.": {}}
     for key, value in tensors.items():
         prefix = key[:key.index(".") + 1]
-        parts[prefix][key[len(prefix):]] = value.float()
+        parts[prefix][key[len(prefix):]] = value
+    parts = {prefix: unpack_weights(part) for prefix, part in parts.items()}
     model = build_diffusion_model(info["model_config"], info["unet_config"], parts["unet."])
     clip = build_sd1_text_encoder(info["clip_config"], parts["clip."])
     vae = build_kl_autoencoder(info["vae_ddconfig"], info["latent_channels"], parts["vae."])

@@ -136,14 +136,34 @@ def dataset_latents(ae, scans, labels, train_idx):
 # ---------------------------------------------------------------- text encoder and UNet
 
 def text_encoder(host):
+    """The frozen text encoder, with exactly the weights the exported file stores (so the UNet trains on the
+    embeddings users get): the token table as int8 per row, everything else in float16."""
     path = checkpoint_path("clip.pt")
     clip = host.build_sd1_text_encoder(CLIP_CONFIG)
     if os.path.exists(path):
-        clip.cond_stage_model.load_state_dict(torch.load(path))
+        state = torch.load(path)
     else:
         init_fan_in(clip.cond_stage_model, SEED + 1)
-        torch.save(clip.cond_stage_model.state_dict(), path)
+        state = clip.cond_stage_model.state_dict()
+        torch.save(state, path)
+    clip.cond_stage_model.load_state_dict(host.unpack_weights(pack_text_encoder(state)))
     return clip
+
+
+def pack_text_encoder(state):
+    """Shrink the text encoder for the file: the 49408-row token table (random, frozen) as int8 with one scale
+    per row, the rest as float16."""
+    packed = {}
+    for key, value in state.items():
+        if key.endswith("token_embedding.weight"):
+            scale = value.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+            packed[key + ".int8"] = (value / scale).round().to(torch.int8)
+            packed[key + ".scale"] = scale.float()
+        elif value.dtype.is_floating_point:
+            packed[key] = value.to(torch.float16)
+        else:
+            packed[key] = value
+    return packed
 
 
 @torch.no_grad()
@@ -214,10 +234,11 @@ def train_unet(host, latents, captions, embeddings, minutes, batch=64, lr=5e-4, 
 def export(ae, clip, unet_state, info):
     from safetensors.torch import save_file
     tensors = {}
-    for prefix, state, dtype in (("unet.", unet_state, torch.float32), ("vae.", ae.state_dict(), torch.float32),
-                                 ("clip.", clip.cond_stage_model.state_dict(), torch.float16)):
+    for prefix, state in (("unet.", unet_state), ("vae.", ae.state_dict()),
+                          ("clip.", pack_text_encoder(clip.cond_stage_model.state_dict()))):
         for k, v in state.items():
-            tensors[prefix + k] = v.detach().to(dtype).contiguous()
+            v = v.detach()
+            tensors[prefix + k] = (v.to(torch.float16) if v.dtype == torch.float32 else v).contiguous()
     metadata = {"trainfree_reference": json.dumps({
         "unet_config": UNET_CONFIG, "clip_config": CLIP_CONFIG, "vae_ddconfig": VAE_DDCONFIG,
         "latent_channels": LATENT_CHANNELS, "model_config": "SD15", **info})}
