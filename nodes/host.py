@@ -11,6 +11,8 @@ between runs.
 import logging
 import uuid
 
+import torch
+
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_base
 import comfy.patcher_extension
@@ -95,7 +97,10 @@ def percent_to_sigma(model, percent):
 
 
 def sigma_to_timestep(model, sigma):
-    """The model's discrete-style timestep for ``sigma`` (0..1000 for SD, sigma*1000 for flow models)."""
+    """A timestep on the 0..1000 scale the papers use: the discrete timestep for SD models, t * 1000 for flow
+    models (whose sigma is t; Flux's own model_sampling reports t in 0..1, SD3's t * 1000)."""
+    if is_flow_model(model):
+        return float(torch.as_tensor(sigma).flatten()[0]) * 1000.0
     return float(model_sampling(model).timestep(sigma).flatten()[0])
 
 
@@ -434,7 +439,6 @@ def _attention_output_layout(v, heads, kwargs):
 
 def build_diffusion_model(config_name, unet_config, state_dict=None):
     """A ModelPatcher around ``comfy.supported_models.<config_name>`` with ``unet_config`` (float32)."""
-    import torch
     import comfy.model_management as mm
     import comfy.model_patcher
     config = getattr(comfy.supported_models, config_name)(dict(unet_config))
@@ -449,7 +453,6 @@ def build_diffusion_model(config_name, unet_config, state_dict=None):
 def build_sd1_text_encoder(transformer_config, state_dict=None):
     """A CLIP (text encoder + the real SD1 tokenizer) whose transformer has ``transformer_config``."""
     import functools
-    import torch
     import comfy.sd
     import comfy.sd1_clip
     import comfy.supported_models_base

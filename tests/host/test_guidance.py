@@ -149,3 +149,13 @@ def test_every_pair_composes_in_both_orders_and_each_member_acts(tiny, family):
         assert torch.isfinite(both).all(), (a, b)
         assert (both - alone[a]).abs().max() > 1e-4, f"{b} after {a} did nothing"
         assert (both - alone[b]).abs().max() > 1e-4, f"{a} before {b} did nothing"
+
+
+def test_sine_mixes_the_fine_tuned_model_in_early_steps_only(tiny, family):
+    sine = "SINE (guide is a fine-tuned model mixed into the prompt branch)"
+    same = two_model(tiny(family), tiny(family).clone(), sine)
+    close(sample(same, family, steps=6), sample(tiny(family), family, steps=6))  # identical guide: plain CFG
+    guided = two_model(tiny(family), tiny_models.make_model(family, seed=7), sine)
+    out = sample(guided, family, steps=6)
+    assert 0 < report(guided)[0]["guide_passes"] < 6, "only steps with timestep above K=400"
+    assert (out - sample(tiny(family), family, steps=6)).abs().max() > 1e-3
