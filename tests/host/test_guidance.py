@@ -140,7 +140,6 @@ def _patches(family):
             "damped": lambda m: damped(m, other), "residual": residual, "two_model": lambda m: two_model(m, other)}
 
 
-@pytest.mark.parametrize("family", ["sd15", "flux"])
 def test_every_pair_composes_in_both_orders_and_each_member_acts(tiny, family):
     patches = _patches(family)
     alone = {name: sample(patch(tiny(family)), family, steps=6) for name, patch in patches.items()}
