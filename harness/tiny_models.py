@@ -1,9 +1,12 @@
-"""Tiny random-weight SD1.5 / SDXL / SD3 / Flux models built from ComfyUI's own classes.
+"""Tiny random-weight SD1.5 / SDXL / SD3 / Flux models, and a Wan 2.1 video model, built from ComfyUI's own classes.
 
 ComfyUI then treats them as the real families: real model classes, model_sampling, latent formats and
 conditioning plumbing. Weights get a fan-in initialisation (ComfyUI's layers leave them uninitialised), so
 activations stay O(1) and patches have visible effects. One tiny SD1-style text encoder with the real SD1
-tokenizer serves every family; its width (64) is the context and pooled width of all four tiny models.
+tokenizer serves every family; its width (64) is the context and pooled width of all the tiny models.
+
+The video model (``VIDEO_FAMILY``, Wan 2.1 text-to-video: 0.15 M params) takes 5-D latents [B, 16, T, H, W]. It
+is not in ``FAMILIES``, so the image tests that run on every family leave it out.
 """
 import functools
 
@@ -11,7 +14,8 @@ import torch
 
 WIDTH = 64
 FAMILIES = ("sd15", "sdxl", "sd3", "flux")
-LATENT_CHANNELS = {"sd15": 4, "sdxl": 4, "sd3": 16, "flux": 16}
+VIDEO_FAMILY = "wan21"
+LATENT_CHANNELS = {"sd15": 4, "sdxl": 4, "sd3": 16, "flux": 16, VIDEO_FAMILY: 16}
 
 _SD15 = {
     "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
@@ -29,6 +33,9 @@ _SD3 = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "inp
 _FLUX = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": WIDTH, "context_in_dim": WIDTH,
          "hidden_size": 64, "num_heads": 2, "axes_dim": [8, 12, 12], "mlp_ratio": 2.0, "depth": 2,
          "depth_single_blocks": 2, "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
+# Head width 32: Wan's rotary embedding splits it into (12, 10, 10) for frames, rows and columns.
+_WAN21 = {"image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "in_dim": 16, "out_dim": 16,
+          "dim": 64, "ffn_dim": 128, "freq_dim": 64, "text_dim": WIDTH, "num_heads": 2, "num_layers": 2}
 
 
 def init_fan_in(module, seed):
@@ -54,7 +61,8 @@ def _config(family):
         if "txt_ids_dims" in flux.FluxParams.__dataclass_fields__:  # a required field on newer ComfyUI
             unet["txt_ids_dims"] = []
         return sm.Flux, unet
-    return {"sd15": (sm.SD15, _SD15), "sdxl": (sm.SDXL, _SDXL), "sd3": (sm.SD3, _SD3)}[family]
+    return {"sd15": (sm.SD15, _SD15), "sdxl": (sm.SDXL, _SDXL), "sd3": (sm.SD3, _SD3),
+            VIDEO_FAMILY: (sm.WAN21_T2V, _WAN21)}[family]
 
 
 def make_model(family, seed=0):

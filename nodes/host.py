@@ -21,6 +21,7 @@ from comfy.ldm.flux.model import Flux as FluxTransformer
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+from comfy.ldm.wan.model import WanModel
 
 from ..guidance_ops import batch as rows
 from ..guidance_ops.layers import group_by_block
@@ -28,7 +29,8 @@ from ..guidance_ops.layers import group_by_block
 log = logging.getLogger("trainfree")
 Wrappers = comfy.patcher_extension.WrappersMP
 
-FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "unet": "a UNet model", "sd3": "SD3", "flux": "Flux"}
+FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "unet": "a UNet model", "sd3": "SD3", "flux": "Flux",
+                "wan": "Wan (video)"}
 UNET_FAMILIES = ("sd15", "sdxl", "unet")
 DIT_FAMILIES = ("sd3", "flux")
 # Feature probe: ComfyUI routes attention through a user override only since the ``wrap_attn`` decorator exists.
@@ -43,7 +45,7 @@ class UnsupportedModel(ValueError):
 
 
 def model_family(model):
-    """'sd15', 'sdxl', 'unet' (other openaimodel UNets), 'sd3', 'flux' or None."""
+    """'sd15', 'sdxl', 'unet' (other openaimodel UNets), 'sd3', 'flux', 'wan' (Wan 2.1 / 2.2 video) or None."""
     net = model.model.diffusion_model
     if isinstance(net, UNetModel):
         if isinstance(model.model, comfy.model_base.SDXL):
@@ -55,7 +57,24 @@ def model_family(model):
         return "flux"
     if isinstance(net, OpenAISignatureMMDITWrapper):
         return "sd3"
+    if isinstance(net, WanModel):
+        return "wan"
     return None
+
+
+def same_family(model, other):
+    """Whether two models share family, latent space and sampling type, so one's prediction may stand in for
+    the other's (two models of an unknown family count as one only when their latent formats match)."""
+    return (model_family(model) == model_family(other) and is_flow_model(model) == is_flow_model(other)
+            and type(model.model.latent_format) is type(other.model.latent_format))
+
+
+def require_same_family(model, other, input_name):
+    """Refuse a second model (``input_name``) whose predictions cannot stand in for the first model's."""
+    if not same_family(model, other):
+        names = [FAMILY_NAMES.get(model_family(m), type(m.model.diffusion_model).__name__) for m in (model, other)]
+        raise UnsupportedModel(f"input '{input_name}' holds a {names[1]} model but 'model' holds {names[0]}: "
+                               f"connect a {input_name} of the same family, latent space and sampling type")
 
 
 def require_family(model, node_title, families):
@@ -130,6 +149,7 @@ class RunScope:
         return self
 
     def _outer_sample(self, executor, *args, **kwargs):
+        check_latent(executor.class_obj.model_patcher, args[1])
         outer = self.state  # a nested run (a sampler inside a sampler) gets its own state
         self.state = self._make_state(executor.class_obj, *args)
         try:
@@ -138,6 +158,16 @@ class RunScope:
             if self._finish is not None:
                 self.last_report = self._finish(self.state)
             self.state = outer
+
+
+def check_latent(model, latent):
+    """A latent from another family's empty-latent node or VAE fails deep inside the model; say so plainly."""
+    expected = getattr(model.model.latent_format, "latent_channels", None)
+    if expected is not None and latent.ndim >= 4 and latent.shape[1] != expected:
+        family = FAMILY_NAMES.get(model_family(model), type(model.model.diffusion_model).__name__)
+        raise ValueError(f"the latent has {latent.shape[1]} channels but this {family} model works on {expected}-channel "
+                         f"latents: make the latent with this model's empty-latent node (EmptyLatentImage for "
+                         f"SD1.5 / SDXL, EmptySD3LatentImage for SD3 / Flux) or encode it with this model's VAE")
 
 
 def run_reports(model):

@@ -29,9 +29,7 @@ class TrainFreeNoiseDampedCFG(ModelPatchNode):
         }}
 
     def patch(self, model, weak_model, damped_percent):
-        if host.model_family(model) != host.model_family(weak_model):
-            raise host.UnsupportedModel("the weak model is of another family than the model; both must share "
-                                        "latent space and conditioning")
+        host.require_same_family(model, weak_model, "weak_model")
         m = model.clone()
         key = host.new_key("noise_damped")
         host.attach_model(m, key, weak_model)

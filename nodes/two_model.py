@@ -43,10 +43,7 @@ class TrainFreeTwoModelGuidance(ModelPatchNode):
         }}
 
     def patch(self, model, guide_model, mode, sine_weight=two_model.SINE_V, sine_until_timestep=two_model.SINE_K):
-        if host.model_family(model) != host.model_family(guide_model) or (
-                host.is_flow_model(model) != host.is_flow_model(guide_model)):
-            raise host.UnsupportedModel("the guide model is of another family than the main model; both must share "
-                                        "latent space and conditioning")
+        host.require_same_family(model, guide_model, "guide_model")
         if guide_model is model:
             raise ValueError("the guide model is the main model itself, which makes the guidance zero; connect a "
                              "weaker checkpoint or a negative model")

@@ -1,4 +1,5 @@
-"""Fixtures for tests that run the real ComfyUI (in-process, CPU) on tiny models of the four families."""
+"""Fixtures for tests that run the real ComfyUI (in-process, CPU) on tiny models of the four image families and
+one video family."""
 import pytest
 import torch
 
@@ -43,9 +44,11 @@ def run_node(class_type, **inputs):
 
 
 def sample(model, family, steps=4, cfg=3.0, size=16, batch=1, seed=0, tokens=8, sampler="euler",
-           scheduler="normal", pos=None, neg=None):
+           scheduler="normal", pos=None, neg=None, frames=None):
+    """Sample ``family``; with ``frames``, a 5-D video latent [batch, C, frames, size, size]."""
     import comfy.sample
-    latent = torch.zeros(batch, tiny_models.LATENT_CHANNELS[family], size, size)
+    video = () if frames is None else (frames,)
+    latent = torch.zeros(batch, tiny_models.LATENT_CHANNELS[family], *video, size, size)
     noise = comfy.sample.prepare_noise(latent, seed)
     pos = pos or tiny_models.conditioning(family, tokens=tokens, seed=1)
     neg = neg or tiny_models.conditioning(family, tokens=tokens, seed=2)

@@ -128,7 +128,7 @@ def test_two_model_guidance_costs_what_cfg_costs(tiny, family):
 
 
 def test_two_model_guidance_refuses_a_guide_of_another_family(tiny):
-    with pytest.raises(ValueError, match="another family"):
+    with pytest.raises(ValueError, match="same family"):
         two_model(tiny("sd15"), tiny("flux"))
     with pytest.raises(ValueError, match="main model itself"):
         two_model(tiny("sd15"), tiny("sd15"))
