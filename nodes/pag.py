@@ -3,7 +3,7 @@ import logging
 from dataclasses import dataclass, field
 
 from ..guidance_ops import pag
-from ..guidance_ops.layers import check_layers, layer_name, parse_layers
+from ..guidance_ops.layers import LayerSelectionError, check_layers, layer_name, parse_layers
 from . import host
 from .base import ModelPatchNode
 
@@ -65,7 +65,10 @@ class TrainFreePAG(ModelPatchNode):
             raise ValueError(f"start_percent ({start_percent}) is after end_percent ({end_percent}): swap them")
         family = host.require_family(model, "TrainFree PAG", tuple(DEFAULT_LAYERS))
         text = DEFAULT_LAYERS[family] if layers.strip().lower() in ("", "auto") else layers
-        selected = check_layers(parse_layers(text), host.attention_layers(model))
+        try:
+            selected = check_layers(parse_layers(text), host.attention_layers(model))
+        except LayerSelectionError as e:
+            raise LayerSelectionError(f"input 'layers': {e}") from None
         m = model.clone()
         if scale == 0:
             return (m,)
