@@ -77,12 +77,13 @@ class StubServer:
 
 
 def execute_prompt(prompt, prompt_id="trainfree"):
-    """Validate and execute an API-format prompt with ComfyUI's real engine; return the outputs per node."""
+    """Validate and execute an API-format prompt with ComfyUI's real engine; return the outputs per node. No cache:
+    every node runs, so two loaders of the same file give two models, as on a server started with --cache-none."""
     import execution
     valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
     if not valid[0]:
         raise PromptError(f"prompt rejected: {valid[1]} {valid[3]}")
-    executor = execution.PromptExecutor(StubServer(), cache_type=execution.CacheType.CLASSIC,
+    executor = execution.PromptExecutor(StubServer(), cache_type=execution.CacheType.NONE,
                                         cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
     executor.execute(prompt, prompt_id, extra_data={}, execute_outputs=valid[2])
     if not executor.success:

@@ -1,8 +1,8 @@
 """Run every example workflow in workflows/ headless through ComfyUI's real execution engine.
 
-Model loaders are swapped for built-in models: SD1.5 workflows with one checkpoint run on the pack's trained
-reference model with a digit prompt; the others on tiny random-weight models of the workflow's family (named by the file
-suffix: ``<technique>_<family>.json``), with resolution and steps capped so a CPU runs each in seconds.
+Model loaders are swapped for built-in models: the demo runs every workflow on the pack's trained reference model
+(an SD1.5 model) with a digit prompt; the tests also run each on tiny random-weight models of the workflow's own
+family (named by the file suffix: ``<technique>_<family>.json``), with resolution and steps capped for the CPU.
 Images and a one-page report (report.html) are written to --out.
 
     python -m harness.run_workflows --out demo_output
@@ -69,25 +69,42 @@ def node_definitions():
     return {name: cls.INPUT_TYPES() for name, cls in nodes.NODE_CLASS_MAPPINGS.items()}
 
 
-def to_test_prompt(path, max_size=128, max_steps=4):
-    """The workflow at ``path`` in API format, with built-in models and CPU-sized latents and step counts."""
-    with open(path) as f:
-        prompt = ui_to_api(json.load(f), node_definitions())
-    family = family_of(path)
-    for node in prompt.values():
-        if node["class_type"] in LOADERS:
-            variant = next((v for v in node["inputs"].values() if isinstance(v, str)), "")
-            node["class_type"], node["inputs"] = LOADERS[node["class_type"]], {"family": family, "variant": variant}
-        elif node["class_type"] in LATENT_NODES:
-            for side in ("width", "height"):
-                node["inputs"][side] = min(node["inputs"][side], max_size)
-        elif node["class_type"] in SAMPLER_NODES:
-            node["inputs"]["steps"] = min(node["inputs"]["steps"], max_steps)
-    return prompt
-
-
+LOADER_OUTPUTS = {"CheckpointLoaderSimple": ("MODEL", "CLIP", "VAE"), "UNETLoader": ("MODEL",), "CLIPLoader": ("CLIP",),
+                  "DualCLIPLoader": ("CLIP",), "TripleCLIPLoader": ("CLIP",), "VAELoader": ("VAE",)}
 REFERENCE_LOADER = {"class_type": "TrainFreeReferenceModel", "inputs": {"model_file": "trainfree_digits.safetensors"}}
+REFERENCE_OUTPUTS = ("MODEL", "CLIP", "VAE")
 REFERENCE_SIZE = 128
+
+
+def load_prompt(path, definitions=None):
+    """The UI workflow at ``path`` in API format (``definitions``: node type -> INPUT_TYPES, default this process's)."""
+    with open(path) as f:
+        return ui_to_api(json.load(f), definitions or node_definitions())
+
+
+def _each(prompt, kinds):
+    return [node for node in prompt.values() if node["class_type"] in kinds]
+
+
+def to_test_prompt(path, max_size=128, max_steps=4):
+    """The workflow at ``path`` in API format, on tiny random-weight models of its family, with CPU-sized latents
+    and step counts."""
+    family = family_of(path)
+
+    def tiny(node):
+        variant = next((v for v in node["inputs"].values() if isinstance(v, str)), "")
+        return {"class_type": LOADERS[node["class_type"]], "inputs": {"family": family, "variant": variant}}
+
+    prompt = load_prompt(path)
+    for key, node in prompt.items():
+        if node["class_type"] in LOADERS:
+            prompt[key] = tiny(node)
+    for node in _each(prompt, LATENT_NODES):
+        for side in ("width", "height"):
+            node["inputs"][side] = min(node["inputs"][side], max_size)
+    for node in _each(prompt, SAMPLER_NODES):
+        node["inputs"]["steps"] = min(node["inputs"]["steps"], max_steps)
+    return prompt
 
 
 def _text_source(prompt, link):
@@ -97,43 +114,54 @@ def _text_source(prompt, link):
     return node
 
 
-def to_reference_prompt(path, caption, batch=1, steps=20, seed=None):
-    """An SD1.5 workflow in API format on the reference model: loader swapped, the sampler's positive prompt set
-    to ``caption`` and its negative to "", 128x128 latents of ``batch`` images, ``steps`` steps."""
-    with open(path) as f:
-        prompt = ui_to_api(json.load(f), node_definitions())
-    for key, node in prompt.items():
-        kind = node["class_type"]
-        if kind == "CheckpointLoaderSimple":
-            prompt[key] = dict(REFERENCE_LOADER)
-        elif kind in LOADERS:
-            raise ValueError(f"{path}: the reference model stands in for CheckpointLoaderSimple only, not {kind}")
+def reference_workflow(workflow, steps=6, batch=1):
+    """A UI workflow (editor format) rewired onto the reference model, as a user would do by hand: each loader
+    replaced by the reference-model loader, latents made 128x128 SD1.5 latents of ``batch`` images, KSampler's
+    steps set to ``steps``. Family-specific nodes that only add conditioning (FluxGuidance) stay; the SD1.5 model
+    ignores them. The browser tests load this; ``to_reference_prompt`` converts it."""
+    workflow = json.loads(json.dumps(workflow))
+    moved = {}
+    for node in workflow["nodes"]:
+        kind = node["type"]
+        if kind in LOADER_OUTPUTS:
+            slots = [REFERENCE_OUTPUTS.index(k) for k in LOADER_OUTPUTS[kind]]
+            moved[node["id"]] = slots
+            outputs = [{"name": k, "type": k, "links": [], "slot_index": i} for i, k in enumerate(REFERENCE_OUTPUTS)]
+            for old_slot, output in enumerate(node.get("outputs", [])):
+                outputs[slots[old_slot]]["links"] = list(output.get("links") or [])
+            node.update(type=REFERENCE_LOADER["class_type"], inputs=[], outputs=outputs,
+                        widgets_values=[REFERENCE_LOADER["inputs"]["model_file"]])
+            node.setdefault("properties", {})["Node name for S&R"] = node["type"]
         elif kind in LATENT_NODES:
-            node["inputs"].update(width=REFERENCE_SIZE, height=REFERENCE_SIZE, batch_size=batch)
-    for node in prompt.values():
-        if node["class_type"] in SAMPLER_NODES:
-            node["inputs"]["steps"] = steps
-            if seed is not None:
-                node["inputs"]["seed"] = seed
-            _text_source(prompt, node["inputs"]["positive"])["inputs"]["text"] = caption
-            _text_source(prompt, node["inputs"]["negative"])["inputs"]["text"] = ""
+            node.update(type="EmptyLatentImage", widgets_values=[REFERENCE_SIZE, REFERENCE_SIZE, batch])
+        elif kind == "KSampler":
+            node["widgets_values"][2] = steps  # seed, its control entry, steps, ...
+    for link in workflow["links"]:
+        if link[1] in moved:
+            link[2] = moved[link[1]][link[2]]
+    return workflow
+
+
+def to_reference_prompt(path, caption, batch=1, steps=20, seed=None, definitions=None):
+    """Any example workflow in API format on the reference model (see ``reference_workflow``), the sampler's
+    positive prompt set to ``caption`` and its negative to ""."""
+    with open(path) as f:
+        prompt = ui_to_api(reference_workflow(json.load(f), steps, batch), definitions or node_definitions())
+    for node in _each(prompt, SAMPLER_NODES):
+        if seed is not None:
+            node["inputs"]["seed"] = seed
+        _text_source(prompt, node["inputs"]["positive"])["inputs"]["text"] = caption
+        _text_source(prompt, node["inputs"]["negative"])["inputs"]["text"] = ""
     return prompt
 
 
-def runs_on_reference_model(path):
-    """SD1.5 workflows with a single checkpoint loader run on the reference model (a workflow that loads two
-    models, such as two-model guidance, needs two different ones: tiny models stand in)."""
-    with open(path) as f:
-        kinds = [n["type"] for n in json.load(f)["nodes"]]
-    return family_of(path) == "sd15" and sum(k in LOADERS for k in kinds) <= 1
-
-
-def run(path, out_dir, caption="a red digit seven on a dark background"):
-    """Execute one workflow: on the reference model where it can, else on tiny models of its family."""
+def run(path, out_dir, on="reference", caption="a red digit seven on a dark background"):
+    """Execute one workflow on the reference model (``on="reference"``) or on tiny random-weight models of its
+    family (``on="tiny"``); returns the saved images' file names and the seconds it took."""
     import folder_paths
     folder_paths.set_output_directory(out_dir)
     started = time.perf_counter()
-    prompt = to_reference_prompt(path, caption) if runs_on_reference_model(path) else to_test_prompt(path)
+    prompt = to_reference_prompt(path, caption) if on == "reference" else to_test_prompt(path)
     outputs = comfy_host.execute_prompt(prompt, prompt_id=os.path.basename(path))
     images = [img["filename"] for ui in outputs.values() for img in ui.get("images", [])]
     return images, time.perf_counter() - started
@@ -146,7 +174,7 @@ def write_report(out_dir, rows):
         for name, images, seconds in rows)
     page = ("<html><head><meta charset='utf-8'><title>comfyui-trainfree demo</title></head><body>"
             "<h1>comfyui-trainfree: example workflows</h1><p>Each workflow ran headless through ComfyUI's "
-            "execution engine on built-in models, on the CPU.</p><table border='1' cellpadding='4'>"
+            "execution engine on the pack's reference model, on the CPU.</p><table border='1' cellpadding='4'>"
             f"<tr><th>workflow</th><th>time</th><th>images</th></tr>{cells}</table></body></html>")
     with open(os.path.join(out_dir, "report.html"), "w") as f:
         f.write(page)
@@ -155,6 +183,8 @@ def write_report(out_dir, rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="demo_output")
+    parser.add_argument("--gallery", help="also copy each workflow's first image to GALLERY/<workflow>.png "
+                                          "(README's gallery is docs/gallery)")
     args = parser.parse_args()
     out_dir = os.path.abspath(args.out)
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -165,6 +195,10 @@ def main():
         images, seconds = run(path, out_dir)
         rows.append((os.path.basename(path), images, seconds))
         print(f"{os.path.basename(path)}: {len(images)} image(s) in {seconds:.1f} s")
+        if args.gallery and images:
+            os.makedirs(args.gallery, exist_ok=True)
+            name = os.path.splitext(os.path.basename(path))[0] + ".png"
+            shutil.copyfile(os.path.join(out_dir, images[0]), os.path.join(args.gallery, name))
     write_report(out_dir, rows)
     print(f"report: {os.path.join(out_dir, 'report.html')}")
 

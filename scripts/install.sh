@@ -3,6 +3,12 @@
 # torch and torchvision come first and together: PyPI's torchvision does not load beside a +cpu torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# Debian's Chromium for the browser tests (Playwright drives it; no browser is downloaded at run time).
+if ! command -v chromium >/dev/null 2>&1 && [ -z "${CHROMIUM:-}" ]; then
+  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+  $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q --no-install-recommends chromium >/dev/null
+fi
 PY=${PYTHON:-python3}
 pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 

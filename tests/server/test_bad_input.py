@@ -1,0 +1,139 @@
+"""Broken prompts POSTed to the real server, for every TrainFree node: each is refused with a validation error
+(HTTP 400 with node_errors naming the input) or fails with an execution error whose message names the input and
+the fix. Afterwards the server still serves, and a valid prompt gives exactly what a fresh server gives."""
+import json
+import math
+
+import pytest
+
+from harness.server import ComfyServer, error_message
+from tests.server.conftest import SERVER_ARGS, pixels
+from tests.server.stack import PATCHES, stack_prompt
+
+# Words with which our messages tell the user what to do.
+FIX_WORDS = ("enter", "use", "connect", "swap", "name", "write", "make", "choose", "put", "must", "reinstall")
+
+
+def _number_cases(object_info, node):
+    for section in ("required", "optional"):
+        for name, spec in object_info[node]["input"].get(section, {}).items():
+            kind, options = spec[0], spec[1] if len(spec) > 1 else {}
+            if kind in ("FLOAT", "INT"):
+                if "max" in options:
+                    yield name, options["max"] + 1, "validation"
+                    yield name, math.inf, "validation"
+                if "min" in options:
+                    yield name, options["min"] - 1, "validation"
+                yield name, math.nan, "either"
+                yield name, "three", "validation"
+            elif isinstance(kind, list):
+                yield name, "no such option", "validation"
+
+
+def _cases(object_info, pack_nodes):
+    for node in pack_nodes:
+        if node in PATCHES:
+            for name, value, expect in _number_cases(object_info, node):
+                yield pytest.param(node, {name: value}, expect, name, id=f"{node}-{name}-{value}")
+    layer_texts = ["middle.x", "nowhere.3", "input.99", "double.1", "middle.0.1.2", "output.5-2", ",", "'; drop"]
+    for text in layer_texts:
+        yield pytest.param("TrainFreePAG", {"layers": text}, "execution", "layers", id=f"TrainFreePAG-layers-{text}")
+    yield pytest.param("TrainFreePAG", {"start_percent": 0.8, "end_percent": 0.2}, "execution", "start_percent",
+                       id="TrainFreePAG-window-backwards")
+    yield pytest.param("TrainFreeGuidanceInterval", {"sigma_low": 9.0, "sigma_high": 1.0}, "execution", "sigma_low",
+                       id="TrainFreeGuidanceInterval-interval-backwards")
+    yield pytest.param("TrainFreeReferenceModel", {"model_file": "missing.safetensors"}, "validation", "model_file",
+                       id="TrainFreeReferenceModel-unknown-file")
+
+
+@pytest.fixture(scope="module")
+def fresh_result():
+    """The valid stacked prompt's image on a server that has run nothing else."""
+    with ComfyServer(frontend=False, extra_args=SERVER_ARGS) as fresh:
+        entry = fresh.run(stack_prompt())
+        assert entry["status"]["status_str"] == "success", error_message(entry)
+        return pixels(fresh.images(entry)[0])
+
+
+def _check_refusal(server, prompt, node_id, expect, input_name):
+    status, answer = server.post_prompt(prompt)
+    text = json.dumps(answer)
+    assert "Traceback" not in text
+    if status == 400:
+        assert expect in ("validation", "either"), f"refused at validation, expected an execution error: {text}"
+        errors = answer["node_errors"][node_id]["errors"]
+        assert any(e["extra_info"].get("input_name") == input_name for e in errors), errors
+        return
+    assert status == 200 and expect in ("execution", "either"), f"HTTP {status}: {text}"
+    entry = server.wait(answer["prompt_id"])
+    message = error_message(entry)
+    assert entry["status"]["status_str"] == "error" and message, f"a broken input ran through: {input_name}"
+    assert input_name in message, message
+    assert any(word in message.lower() for word in FIX_WORDS), f"the message names no fix: {message}"
+
+
+def _broken_prompt(node, inputs):
+    prompt = stack_prompt()
+    node_id = next(k for k, n in prompt.items() if n["class_type"] == node)
+    prompt[node_id]["inputs"].update(inputs)
+    return prompt, node_id
+
+
+def test_broken_inputs_of_every_node_are_refused_by_name(server, object_info, pack_nodes):
+    """The cases come from the node definitions the server reports, so a new input or node is covered by itself."""
+    failures = []
+    cases = list(_cases(object_info, pack_nodes))
+    assert len(cases) > 60
+    for case in cases:
+        node, inputs, expect, input_name = case.values
+        prompt, node_id = _broken_prompt(node, inputs)
+        try:
+            _check_refusal(server, prompt, node_id, expect, input_name)
+        except AssertionError as e:
+            failures.append(f"{case.id}: {e}")
+    assert not failures, "\n".join(failures)
+    assert server.alive()
+
+
+def test_wrong_link_type_is_a_validation_error(server):
+    prompt, node_id = _broken_prompt("TrainFreeAPG", {})
+    prompt[node_id]["inputs"]["model"] = ["1", 1]  # the loader's CLIP output into a MODEL input
+    status, answer = server.post_prompt(prompt)
+    assert status == 400 and node_id in answer["node_errors"], answer
+
+
+def test_guide_of_another_family_is_refused(server):
+    for node, slot in (("TrainFreeTwoModelGuidance", "guide_model"), ("TrainFreeNoiseDampedCFG", "weak_model")):
+        prompt, node_id = _broken_prompt(node, {})
+        prompt["90"] = {"class_type": "HarnessTinyModel", "inputs": {"family": "sdxl", "variant": "guide"}}
+        prompt[node_id]["inputs"][slot] = ["90", 0]
+        _check_refusal(server, prompt, node_id, "execution", slot)
+
+
+def test_latent_of_another_family_is_refused_by_name(server):
+    prompt = stack_prompt()
+    latent = next(k for k, n in prompt.items() if n["class_type"] == "EmptyLatentImage")
+    # ComfyUI itself fixes the channel count of an all-zero (empty) latent, so encode an image with an SD3 VAE.
+    prompt["91"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 9000}}
+    prompt["92"] = {"class_type": "HarnessTinyVAE", "inputs": {"family": "sd3", "variant": ""}}
+    prompt[latent] = {"class_type": "VAEEncode", "inputs": {"pixels": ["91", 0], "vae": ["92", 0]}}
+    status, answer = server.post_prompt(prompt)
+    assert status == 200, answer
+    message = error_message(server.wait(answer["prompt_id"]))
+    assert message and "latent" in message.lower() and "channels" in message, message
+
+
+@pytest.mark.parametrize("width, height, batch", [(136, 72, 3), (64, 64, 2)])
+def test_odd_sizes_and_batches_run(server, width, height, batch):
+    entry = server.run(stack_prompt(width=width, height=height, batch=batch, steps=3))
+    assert entry["status"]["status_str"] == "success", error_message(entry)
+    images = server.images(entry)
+    assert len(images) == batch and pixels(images[0]).shape == (height, width, 3)
+
+
+def test_server_survives_and_leaks_no_state(server, fresh_result):
+    """Runs last in this module: after every broken prompt above, a valid prompt equals a fresh server's result."""
+    assert server.get("/system_stats")
+    entry = server.run(stack_prompt())
+    assert entry["status"]["status_str"] == "success", error_message(entry)
+    assert (pixels(server.images(entry)[0]) == fresh_result).all()

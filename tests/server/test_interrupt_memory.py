@@ -1,0 +1,53 @@
+"""/interrupt during a long stacked run, and resident memory over 20 runs that change resolution and patches."""
+import json
+import os
+import time
+
+import psutil
+
+from harness.server import error_message
+from tests.server.conftest import pixels
+from tests.server.stack import PATCHES, stack_prompt
+
+
+def test_interrupt_stops_a_long_run_and_the_next_run_is_clean(server):
+    clean = server.run(stack_prompt(seed=11))
+    assert clean["status"]["status_str"] == "success", error_message(clean)
+    expected = pixels(server.images(clean)[0])
+
+    status, answer = server.post_prompt(stack_prompt(steps=400, seed=12))
+    assert status == 200, answer
+    started = time.monotonic()
+    while not server.get("/queue")["queue_running"]:
+        assert time.monotonic() - started < 60, "the long run never started"
+        time.sleep(0.1)
+    time.sleep(2.0)  # well inside sampling (400 steps take minutes on the CPU)
+    assert server.request("POST", "/interrupt")[0] == 200
+    entry = server.wait(answer["prompt_id"], timeout=60)
+    kinds = [kind for kind, _ in entry["status"]["messages"]]
+    assert "execution_interrupted" in kinds and "execution_success" not in kinds, kinds
+    assert time.monotonic() - started < 30, "the interrupt took effect too late"
+
+    again = server.run(stack_prompt(seed=11))
+    assert again["status"]["status_str"] == "success", error_message(again)
+    assert (pixels(server.images(again)[0]) == expected).all(), "the interrupted run left state behind"
+
+
+def test_resident_memory_settles_over_twenty_runs(server, artifacts):
+    process = psutil.Process(server.process.pid)
+    shapes = [(128, 128, 1), (64, 96, 2), (192, 128, 1), (96, 64, 3)]
+    stacks = [tuple(PATCHES), ("TrainFreePAG", "TrainFreeAPG"), ("TrainFreeFDG", "TrainFreeGuidanceInterval"),
+              ("TrainFreeResidualCFG", "TrainFreeTwoModelGuidance", "TrainFreeNoiseDampedCFG")]
+    rss = []
+    for i in range(20):
+        width, height, batch = shapes[i % len(shapes)]
+        entry = server.run(stack_prompt(patches=stacks[i % len(stacks)], width=width, height=height, batch=batch,
+                                        steps=3, seed=i))
+        assert entry["status"]["status_str"] == "success", error_message(entry)
+        rss.append(process.memory_info().rss / 2**20)
+    with open(os.path.join(artifacts, "server_memory.json"), "w") as f:
+        json.dump({"rss_mib_after_each_run": [round(r, 1) for r in rss]}, f, indent=1)
+    print("resident memory after each run (MiB):", " ".join(f"{r:.0f}" for r in rss))
+    # Runs 1-4 warm up (first use of every shape and patch); a leak would keep climbing through runs 5-20.
+    settled, late = max(rss[4:8]), max(rss[16:20])
+    assert late - settled < 40, f"resident memory climbs: {settled:.0f} MiB after run 8, {late:.0f} MiB after run 20"
