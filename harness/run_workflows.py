@@ -155,16 +155,26 @@ def to_reference_prompt(path, caption, batch=1, steps=20, seed=None, definitions
     return prompt
 
 
-def run(path, out_dir, on="reference", caption="a red digit seven on a dark background"):
+def run(path, out_dir, on="reference", caption="a red digit seven on a dark background", batch=1):
     """Execute one workflow on the reference model (``on="reference"``) or on tiny random-weight models of its
     family (``on="tiny"``); returns the saved images' file names and the seconds it took."""
     import folder_paths
     folder_paths.set_output_directory(out_dir)
     started = time.perf_counter()
-    prompt = to_reference_prompt(path, caption) if on == "reference" else to_test_prompt(path)
+    prompt = to_reference_prompt(path, caption, batch) if on == "reference" else to_test_prompt(path)
     outputs = comfy_host.execute_prompt(prompt, prompt_id=os.path.basename(path))
     images = [img["filename"] for ui in outputs.values() for img in ui.get("images", [])]
     return images, time.perf_counter() - started
+
+
+def write_strip(paths, target):
+    from PIL import Image
+    pictures = [Image.open(p).convert("RGB") for p in paths]
+    strip = Image.new("RGB", (sum(p.width for p in pictures), max(p.height for p in pictures)))
+    for i, picture in enumerate(pictures):
+        strip.paste(picture, (sum(p.width for p in pictures[:i]), 0))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    strip.save(target)
 
 
 def write_report(out_dir, rows):
@@ -183,7 +193,8 @@ def write_report(out_dir, rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="demo_output")
-    parser.add_argument("--gallery", help="also copy each workflow's first image to GALLERY/<workflow>.png "
+    parser.add_argument("--batch", type=int, default=4, help="images per workflow (default 4)")
+    parser.add_argument("--gallery", help="also write each workflow's images side by side to GALLERY/<workflow>.png "
                                           "(README's gallery is docs/gallery)")
     args = parser.parse_args()
     out_dir = os.path.abspath(args.out)
@@ -192,13 +203,12 @@ def main():
     boot()
     rows = []
     for path in sorted(glob.glob(os.path.join(WORKFLOWS, "*.json"))):
-        images, seconds = run(path, out_dir)
+        images, seconds = run(path, out_dir, batch=args.batch)
         rows.append((os.path.basename(path), images, seconds))
         print(f"{os.path.basename(path)}: {len(images)} image(s) in {seconds:.1f} s")
         if args.gallery and images:
-            os.makedirs(args.gallery, exist_ok=True)
             name = os.path.splitext(os.path.basename(path))[0] + ".png"
-            shutil.copyfile(os.path.join(out_dir, images[0]), os.path.join(args.gallery, name))
+            write_strip([os.path.join(out_dir, i) for i in images], os.path.join(args.gallery, name))
     write_report(out_dir, rows)
     print(f"report: {os.path.join(out_dir, 'report.html')}")
 
