@@ -34,7 +34,8 @@ class _TinyLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"family": (list(tiny_models.FAMILIES),)}, "optional": {"variant": ("STRING", {})}}
+        return {"required": {"family": (list(tiny_models.FAMILIES) + [tiny_models.VIDEO_FAMILY],)},
+                "optional": {"variant": ("STRING", {})}}
 
     def load(self, family, variant=""):
         seed = zlib.crc32(variant.encode()) % 1000  # different files in a workflow stay different models

@@ -110,6 +110,15 @@ def test_guide_of_another_family_is_refused(server):
         _check_refusal(server, prompt, node_id, "execution", slot)
 
 
+def test_a_model_the_node_cannot_serve_is_refused_by_name(server):
+    prompt, node_id = _broken_prompt("TrainFreePAG", {})
+    prompt["90"] = {"class_type": "HarnessTinyModel", "inputs": {"family": "wan21", "variant": ""}}
+    prompt[node_id]["inputs"]["model"] = ["90", 0]  # a Wan 2.1 video model: PAG's layer names do not reach it
+    _check_refusal(server, prompt, node_id, "execution", "model")
+    message = error_message(server.get("/history?max_items=1").popitem()[1])
+    assert "cannot serve" in message and "SD1.5, SDXL" in message, message
+
+
 def test_latent_of_another_family_is_refused_by_name(server):
     prompt = stack_prompt()
     latent = next(k for k, n in prompt.items() if n["class_type"] == "EmptyLatentImage")
