@@ -4,14 +4,7 @@ per step; guidance interval and residual CFG save unconditional passes (rows per
 
     python -m bench.guidance_speed [--steps 8] [--repeats 3] [--size 256] [--threads N]
 """
-import argparse
-import json
-import os
-
-import torch
-
-from bench.timing import make_sd15, round_robin
-from harness import comfy_host
+from bench.timing import round_robin, save, setup
 
 
 def configurations(base):
@@ -28,28 +21,15 @@ def configurations(base):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    comfy_host.boot()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    models = configurations(make_sd15())
-    print(f"SD1.5 UNet, {args.size}x{args.size}, {args.steps} Euler steps, cfg 5, {torch.get_num_threads()} threads, "
-          f"{args.repeats} repeats", flush=True)
+    args, base = setup(__doc__, default_steps=8)
+    models = configurations(base)
     result, times = round_robin(models, args.steps, args.repeats, args.size)
     base_time, base_rows = result["cfg"]
     print(f"\n{'configuration':<14}{'s/step':>9}{'x CFG':>8}{'rows/run':>10}{'passes saved':>14}")
     for name, (seconds, rows) in result.items():
         print(f"{name:<14}{seconds:>9.3f}{seconds / base_time:>8.3f}{rows:>10}{base_rows - rows:>14}")
     print("\ntarget: APG and FDG under 1.03x CFG per step")
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "guidance_speed.json"), "w") as f:
-        json.dump({"args": vars(args), "seconds": times, "result": result}, f, indent=1)
+    save("guidance_speed", args, seconds=times, result=result)
 
 
 if __name__ == "__main__":

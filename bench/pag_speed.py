@@ -13,14 +13,7 @@ the UNet evaluates per run; rows beyond plain CFG's are the extra conditional pa
 Run from the pack root:  python -m bench.pag_speed [--steps 4] [--repeats 3] [--size 256] [--threads N]
 Results also go to bench/output/pag_speed.json.
 """
-import argparse
-import json
-import os
-
-import torch
-
-from bench.timing import make_sd15, round_robin
-from harness import comfy_host
+from bench.timing import round_robin, save, setup
 
 
 def configurations(base):
@@ -36,18 +29,8 @@ def configurations(base):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--size", type=int, default=256, help="image size in pixels (latent is size / 8)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    args = parser.parse_args()
-    comfy_host.boot()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    models = configurations(make_sd15())
-    print(f"SD1.5 UNet, {args.size}x{args.size}, {args.steps} Euler steps, cfg 5, {torch.get_num_threads()} "
-          f"threads, {args.repeats} repeats", flush=True)
+    args, base = setup(__doc__, default_steps=4)
+    models = configurations(base)
     result, times = round_robin(models, args.steps, args.repeats, args.size)
     median = {name: seconds for name, (seconds, _) in result.items()}
     rows = {name: r for name, (_, r) in result.items()}
@@ -62,11 +45,8 @@ def main():
           f"(measured: ours {ratio['ours']:.2f}x, core {ratio['core']:.2f}x)")
     print(f"half window: guides {extra['ours-half']} of {extra['ours']} steps; expected "
           f"{expected_half:.2f}x (1 + share * (full - 1)), measured {ratio['ours-half']:.2f}x")
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "pag_speed.json"), "w") as f:
-        json.dump({"args": vars(args), "threads": torch.get_num_threads(), "seconds": times, "median": median,
-                   "ratio": ratio, "rows": rows, "extra_passes": extra, "expected_half": expected_half}, f, indent=1)
+    save("pag_speed", args, seconds=times, median=median, ratio=ratio, rows=rows, extra_passes=extra,
+         expected_half=expected_half)
 
 
 if __name__ == "__main__":

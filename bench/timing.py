@@ -1,12 +1,17 @@
 """Shared pieces of the speed benchmarks: the full-size SD1.5 UNet with random weights, a row counter, and
 round-robin timing (every configuration in turn, repeated, median per configuration) so that a noisy machine
 slows all configurations alike and the printed ratios stay meaningful."""
+import argparse
+import json
+import os
 import statistics
 import time
 
 import torch
 
-from harness import tiny_models
+from harness import comfy_host, tiny_models
+
+OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output")
 
 # The SD1.5 UNet exactly as comfy/model_detection.py detects it from a real checkpoint.
 SD15_UNET = {
@@ -68,3 +73,27 @@ def round_robin(models, steps, repeats, size=256, cfg=5.0):
                 times[name].append(run(name))
             print(f"  repeat {r + 1}/{repeats} done", flush=True)
     return {name: (statistics.median(t), counters[name].rows) for name, t in times.items()}, times
+
+
+def setup(doc, default_steps):
+    """The benchmarks' shared start: parse --steps / --repeats / --size / --threads, boot ComfyUI, set the thread
+    count, build the SD1.5 UNet and print the header line. Returns (args, model)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=default_steps)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--size", type=int, default=256, help="image size in pixels (latent is size / 8)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args()
+    comfy_host.boot()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"SD1.5 UNet, {args.size}x{args.size}, {args.steps} Euler steps, cfg 5, {torch.get_num_threads()} "
+          f"threads, {args.repeats} repeats", flush=True)
+    return args, make_sd15()
+
+
+def save(name, args, **results):
+    """Write bench/output/<name>.json with the arguments, the thread count and the results."""
+    os.makedirs(OUTPUT, exist_ok=True)
+    with open(os.path.join(OUTPUT, f"{name}.json"), "w") as f:
+        json.dump({"args": vars(args), "threads": torch.get_num_threads(), **results}, f, indent=1)
