@@ -202,7 +202,15 @@ def add_guidance_delta(model, technique, needs_uncond):
     model.set_model_sampler_post_cfg_function(post_cfg, disable_cfg1_optimization=needs_uncond)
 
 
-def override_cfg_per_evaluation(model, scope, choose, after=None):
+def _reads_cfg(guider):
+    """Whether the guider combines its passes with ``guider.cfg`` (CFGGuider, as KSampler uses it). Guiders that
+    bring their own predict_noise (DualCFGGuider, PerpNegGuider) read other scales, so a per-step cfg would be
+    ignored."""
+    import comfy.samplers
+    return type(guider).predict_noise is comfy.samplers.CFGGuider.predict_noise
+
+
+def override_cfg_per_evaluation(model, scope, choose, after=None, title="This patch"):
     """A PREDICT_NOISE wrapper: ``choose(state, sigma, x, model_options, sampler_cfg)`` gives the CFG scale for
     this model evaluation or None to keep the sampler's. 1.0 switches guidance off: ComfyUI skips the
     unconditional pass unless a patch forces it, and techniques registered with ``add_guidance_delta`` stand
@@ -213,6 +221,10 @@ def override_cfg_per_evaluation(model, scope, choose, after=None):
         guider = executor.class_obj
         if state is None:
             return executor(x, timestep, model_options, seed)
+        if not _reads_cfg(guider):
+            raise UnsupportedModel(f"{title} sets the CFG scale step by step, which the {type(guider).__name__} "
+                                   f"guider does not read (it combines its passes its own way): sample with "
+                                   f"KSampler, SamplerCustom or the CFGGuider node, or remove {title}")
         sampler_cfg = guider.cfg
         cfg = choose(state, timestep, x, model_options, sampler_cfg)
         if cfg is not None:

@@ -53,7 +53,7 @@ class TrainFreeGuidanceInterval(ModelPatchNode):
 
         scope = host.RunScope(m, host.new_key("interval"),
                               lambda *_: SimpleNamespace(evaluations=0, unguided=0, saved=0), finish)
-        host.override_cfg_per_evaluation(m, scope, choose)
+        host.override_cfg_per_evaluation(m, scope, choose, title="TrainFree Guidance Interval")
         return (m,)
 
 

@@ -68,7 +68,7 @@ class TrainFreeResidualCFG(ModelPatchNode):
 
         scope = host.RunScope(m, host.new_key("residual_cfg"), start, finish)
         host.add_post_cfg(m, capture_uncond)
-        host.override_cfg_per_evaluation(m, scope, choose, after)
+        host.override_cfg_per_evaluation(m, scope, choose, after, title="TrainFree Residual CFG")
         return (m,)
 
 

@@ -158,3 +158,22 @@ def test_sine_mixes_the_fine_tuned_model_in_early_steps_only(tiny, family):
     out = sample(guided, family, steps=6)
     assert 0 < report(guided)[0]["guide_passes"] < 6, "only steps with timestep above K=400"
     assert (out - sample(tiny(family), family, steps=6)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("patch", [interval, residual], ids=["interval", "residual"])
+def test_patches_that_set_cfg_per_step_refuse_a_guider_that_does_not_read_it(tiny, patch):
+    """DualCFGGuider combines its passes with its own two scales; a per-step cfg would be silently ignored."""
+    import comfy.sample
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import Guider_DualCFG
+    model = patch(tiny("sd15"))
+    guider = Guider_DualCFG(model)
+    cond = tiny_models.conditioning("sd15", tokens=8, seed=1)
+    guider.set_conds(cond, tiny_models.conditioning("sd15", tokens=8, seed=3),
+                     tiny_models.conditioning("sd15", tokens=8, seed=2))
+    guider.set_cfg(3.0, 2.0)
+    latent = torch.zeros(1, 4, 16, 16)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 3)
+    with pytest.raises(ValueError, match="DualCFG.*does not read.*CFGGuider"):
+        guider.sample(comfy.sample.prepare_noise(latent, 0), latent, comfy.samplers.sampler_object("euler"), sigmas,
+                      disable_pbar=True, seed=0)

@@ -2,7 +2,7 @@
 
 For every example workflow: open the JSON file through the frontend's file input (what Load / drag-and-drop do),
 check that no missing-node dialog appears and that every pack node is rendered with its widgets holding the
-file's values; then load the workflow rewired onto the reference model, press Run, wait for the run to finish,
+file's values, and that the frontend's own API conversion equals the harness's; then load the workflow rewired onto the reference model, press Run, wait for the run to finish,
 and keep a screenshot of the finished graph as a test artefact.
 
 Chromium comes from the system (``apt-get install chromium``; ``.ci/run`` installs it), never downloaded at
@@ -18,6 +18,7 @@ import pytest
 
 from harness import run_workflows
 from harness.server import error_message
+from harness.workflow_api import ui_to_api
 
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -93,7 +94,7 @@ def test_a_missing_node_is_reported_by_the_frontend(page):
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
-def test_workflow_loads_renders_and_runs_in_the_browser(server, page, object_info, artifacts, path):
+def test_workflow_loads_renders_and_runs_in_the_browser(server, page, object_info, definitions, artifacts, path):
     name = os.path.splitext(os.path.basename(path))[0]
     with open(path) as f:
         workflow = json.load(f)
@@ -114,6 +115,11 @@ def test_workflow_loads_renders_and_runs_in_the_browser(server, page, object_inf
                     assert input_name in widgets, f"{node['type']} shows no widget for {input_name}"
         assert [w[1] for w in node["widgets"]] == saved[node["id"]]["widgets_values"], node
     _screenshot(page, os.path.join(artifacts, f"browser_{name}_loaded.png"))
+    # The frontend's own conversion to the API format is what Queue sends: the harness's converter must agree.
+    frontend = page.evaluate("async () => (await app.graphToPrompt()).output")
+    ours = ui_to_api(workflow, definitions)
+    assert {k: (v["class_type"], v["inputs"]) for k, v in frontend.items()} == \
+        {k: (v["class_type"], v["inputs"]) for k, v in ours.items()}
 
     _open(page, run_workflows.reference_workflow(workflow), f"{name}_reference.json")
     with page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST") as queued:
