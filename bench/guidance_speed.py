@@ -28,8 +28,31 @@ def main():
     print(f"\n{'configuration':<14}{'s/step':>9}{'x CFG':>8}{'rows/run':>10}{'passes saved':>14}")
     for name, (seconds, rows) in result.items():
         print(f"{name:<14}{seconds:>9.3f}{seconds / base_time:>8.3f}{rows:>10}{base_rows - rows:>14}")
-    print("\ntarget: APG and FDG under 1.03x CFG per step")
-    save("guidance_speed", args, seconds=times, result=result)
+    math_ms = math_only(args.size, base_time)
+    print("\ntarget: APG and FDG under 1.03x CFG per step. Their math alone (no model), per step:")
+    for name, ms in math_ms.items():
+        print(f"  {name}: {ms:.2f} ms = {100 * ms / 1000 / base_time:.3f}% of a CFG step")
+    save("guidance_speed", args, seconds=times, result=result, math_ms=math_ms)
+
+
+def math_only(size, step_seconds, repeats=50):
+    """Milliseconds of the APG and FDG combinations on one latent of this size: the part of their overhead that
+    whole-run timings on a noisy machine cannot resolve."""
+    import time
+    import torch
+    from guidance_ops import apg, fdg
+    cond, uncond = torch.randn(2, 1, 4, size // 8, size // 8).unbind(0)
+    buffer = apg.MomentumBuffer(-0.5)
+    ops = {"apg": lambda: apg.apg(cond, uncond, 5.0, 0.0, 15.0, buffer),
+           "fdg": lambda: fdg.fdg(cond, uncond, 5.0, 10.0, 2)}
+    result = {}
+    for name, op in ops.items():
+        op()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            op()
+        result[name] = (time.perf_counter() - started) / repeats * 1000
+    return result
 
 
 if __name__ == "__main__":

@@ -108,19 +108,30 @@ def to_test_prompt(path, max_size=128, max_steps=4):
     return prompt
 
 
-def _text_source(prompt, link):
-    node = prompt[link[0]]
-    while node["class_type"] != "CLIPTextEncode":
-        node = prompt[next(v[0] for v in node["inputs"].values() if isinstance(v, list))]
-    return node
+DIGIT_CAPTION = "a red digit seven on a dark background"
 
 
-def reference_workflow(workflow, steps=6, batch=1):
+def _text_node(nodes, links, target, input_name):
+    """The CLIPTextEncode node that feeds ``input_name`` of ``target`` (through FluxGuidance and the like)."""
+    node = target
+    while True:
+        link = next(i["link"] for i in node["inputs"]
+                    if i["name"] == input_name or (input_name is None and i.get("link") is not None))
+        node = nodes[links[link][1]]
+        if node["type"] == "CLIPTextEncode":
+            return node
+        input_name = None
+
+
+def reference_workflow(workflow, steps=6, batch=1, caption=DIGIT_CAPTION, seed=None):
     """A UI workflow (editor format) rewired onto the reference model, as a user would do by hand: each loader
     replaced by the reference-model loader, latents made 128x128 SD1.5 latents of ``batch`` images, KSampler's
-    steps set to ``steps``. Family-specific nodes that only add conditioning (FluxGuidance) stay; the SD1.5 model
-    ignores them. The browser tests load this; ``to_reference_prompt`` converts it."""
+    steps set to ``steps`` (and its seed to ``seed``), its positive prompt to ``caption`` and its negative to "".
+    Family-specific nodes that only add conditioning (FluxGuidance) stay; the SD1.5 model ignores them. The browser
+    tests load this; ``to_reference_prompt`` converts it."""
     workflow = json.loads(json.dumps(workflow))
+    nodes = {node["id"]: node for node in workflow["nodes"]}
+    links = {link[0]: link for link in workflow["links"]}
     moved = {}
     for node in workflow["nodes"]:
         kind = node["type"]
@@ -136,27 +147,25 @@ def reference_workflow(workflow, steps=6, batch=1):
         elif kind in LATENT_NODES:
             node.update(type="EmptyLatentImage", widgets_values=[REFERENCE_SIZE, REFERENCE_SIZE, batch])
         elif kind == "KSampler":
-            node["widgets_values"][2] = steps  # seed, its control entry, steps, ...
+            values = node["widgets_values"]  # seed, its control entry, steps, cfg, ...
+            values[2] = steps
+            values[0] = values[0] if seed is None else seed
+            _text_node(nodes, links, node, "positive")["widgets_values"][0] = caption
+            _text_node(nodes, links, node, "negative")["widgets_values"][0] = ""
     for link in workflow["links"]:
         if link[1] in moved:
             link[2] = moved[link[1]][link[2]]
     return workflow
 
 
-def to_reference_prompt(path, caption, batch=1, steps=20, seed=None, definitions=None):
-    """Any example workflow in API format on the reference model (see ``reference_workflow``), the sampler's
-    positive prompt set to ``caption`` and its negative to ""."""
+def to_reference_prompt(path, caption=DIGIT_CAPTION, batch=1, steps=20, seed=None, definitions=None):
+    """Any example workflow in API format on the reference model (see ``reference_workflow``)."""
     with open(path) as f:
-        prompt = ui_to_api(reference_workflow(json.load(f), steps, batch), definitions or node_definitions())
-    for node in _each(prompt, SAMPLER_NODES):
-        if seed is not None:
-            node["inputs"]["seed"] = seed
-        _text_source(prompt, node["inputs"]["positive"])["inputs"]["text"] = caption
-        _text_source(prompt, node["inputs"]["negative"])["inputs"]["text"] = ""
-    return prompt
+        workflow = reference_workflow(json.load(f), steps, batch, caption, seed)
+    return ui_to_api(workflow, definitions or node_definitions())
 
 
-def run(path, out_dir, on="reference", caption="a red digit seven on a dark background", batch=1):
+def run(path, out_dir, on="reference", caption=DIGIT_CAPTION, batch=1):
     """Execute one workflow on the reference model (``on="reference"``) or on tiny random-weight models of its
     family (``on="tiny"``); returns the saved images' file names and the seconds it took."""
     import folder_paths
