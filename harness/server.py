@@ -165,8 +165,7 @@ class ComfyServer:
             if not self.alive():
                 raise ServerError(f"the server died while running {prompt_id}:\n{self.log()[-4000:]}")
             entry = self.get(f"/history/{prompt_id}").get(prompt_id)
-            if entry and entry.get("status", {}).get("completed") is not None and (
-                    entry["status"].get("status_str") in ("success", "error") or entry["status"]["completed"]):
+            if entry and entry.get("status"):  # ComfyUI files a prompt in /history once it has ended
                 return entry
             time.sleep(0.2)
         raise ServerError(f"prompt {prompt_id} did not finish within {timeout} s")

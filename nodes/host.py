@@ -73,8 +73,9 @@ def require_same_family(model, other, input_name):
     """Refuse a second model (``input_name``) whose predictions cannot stand in for the first model's."""
     if not same_family(model, other):
         names = [FAMILY_NAMES.get(model_family(m), type(m.model.diffusion_model).__name__) for m in (model, other)]
-        raise UnsupportedModel(f"input '{input_name}' holds a {names[1]} model but 'model' holds {names[0]}: "
-                               f"connect a {input_name} of the same family, latent space and sampling type")
+        raise UnsupportedModel(f"input '{input_name}' holds a model of another kind ({names[1]}) than 'model' "
+                               f"({names[0]}): connect a {input_name} of the same family, latent space and "
+                               f"sampling type")
 
 
 def require_family(model, node_title, families):
@@ -165,8 +166,8 @@ def check_latent(model, latent):
     expected = getattr(model.model.latent_format, "latent_channels", None)
     if expected is not None and latent.ndim >= 4 and latent.shape[1] != expected:
         family = FAMILY_NAMES.get(model_family(model), type(model.model.diffusion_model).__name__)
-        raise ValueError(f"the latent has {latent.shape[1]} channels but this {family} model works on {expected}-channel "
-                         f"latents: make the latent with this model's empty-latent node (EmptyLatentImage for "
+        raise ValueError(f"the latent has {latent.shape[1]} channels but this model ({family}) works on "
+                         f"{expected}-channel latents: make the latent with this model's empty-latent node (EmptyLatentImage for "
                          f"SD1.5 / SDXL, EmptySD3LatentImage for SD3 / Flux) or encode it with this model's VAE")
 
 
