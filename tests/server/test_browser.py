@@ -131,3 +131,21 @@ def test_workflow_loads_renders_and_runs_in_the_browser(server, page, object_inf
     page.wait_for_timeout(1000)  # let the finished image appear on the SaveImage node
     _screenshot(page, os.path.join(artifacts, f"browser_{name}_finished.png"))
     assert not page.errors, page.errors
+
+
+def test_node_search_finds_every_pack_node_and_adds_it(page, object_info, pack_nodes, artifacts):
+    """What a user does to add a node: double-click the canvas, type, pick the result."""
+    before = page.evaluate("app.graph._nodes.length")
+    page.mouse.dblclick(800, 750)
+    page.wait_for_selector("input[placeholder='Search Nodes...']", timeout=10_000)
+    page.keyboard.type("TrainFree")
+    page.wait_for_timeout(1000)
+    options = page.locator("[role=option]").all_inner_texts()
+    for name in pack_nodes:
+        assert any(object_info[name]["display_name"] in text and "trainfree" in text for text in options), \
+            (name, options)
+    page.locator("[role=option]", has_text=object_info["TrainFreePAG"]["display_name"]).first.click()
+    page.wait_for_function("n => app.graph._nodes.length === n + 1", arg=before, timeout=10_000)
+    added = page.evaluate("(() => { const n = app.graph._nodes.at(-1); return [n.type, n.widgets.map(w => w.name)] })()")
+    assert added[0] == "TrainFreePAG" and "scale" in added[1] and "layers" in added[1], added
+    page.screenshot(path=os.path.join(artifacts, "browser_node_search.png"))

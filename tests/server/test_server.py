@@ -51,3 +51,12 @@ def test_workflow_queued_through_the_api_completes_with_images(server, definitio
         name = f"api_{os.path.splitext(os.path.basename(path))[0]}_{i}.png"
         with open(os.path.join(artifacts, name), "wb") as f:
             f.write(png)
+
+
+def test_the_template_browser_lists_every_example_workflow(server):
+    """ComfyUI serves a pack's workflows/ folder to the frontend's template browser (README's claim)."""
+    listed = server.get("/workflow_templates").get("comfyui-trainfree", [])
+    assert sorted(listed) == sorted(os.path.splitext(os.path.basename(p))[0] for p in WORKFLOWS)
+    status, body = server.request("GET", "/api/workflow_templates/comfyui-trainfree/pag_sd15.json")
+    with open(os.path.join(run_workflows.WORKFLOWS, "pag_sd15.json"), "rb") as f:
+        assert status == 200 and body == f.read()
