@@ -1,36 +1,51 @@
-"""An API prompt that stacks every patch of the pack on the reference model, for the server tests."""
+"""An API prompt that stacks every patch of the pack on the reference model, for the server tests.
+
+The patches and their settings come from the server's /object_info (defaults), so a new MODEL -> MODEL node joins
+the stack, and the bad-input table, by itself. A second model input (guide, weak model) gets a second copy of the
+reference model.
+"""
 REFERENCE = {"class_type": "TrainFreeReferenceModel", "inputs": {"model_file": "trainfree_digits.safetensors"}}
-# Each patch with its widget values; the model input is chained, the second model (if any) is the guide loader.
-PATCHES = {
-    "TrainFreePAG": {"scale": 3.0, "layers": "auto", "start_percent": 0.0, "end_percent": 1.0,
-                     "adaptive_scale": 0.0, "rescale": 0.0},
-    "TrainFreeAPG": {"eta": 0.0, "norm_threshold": 15.0, "momentum": -0.5},
-    "TrainFreeFDG": {"low_scale": 5.0, "high_scale": 10.0, "levels": 2, "low_parallel_weight": 1.0,
-                     "high_parallel_weight": 1.0},
-    "TrainFreeGuidanceInterval": {"sigma_low": 0.28, "sigma_high": 5.42},
-    "TrainFreeResidualCFG": {"mode": "self-negative", "delta": 1.0},
-    "TrainFreeNoiseDampedCFG": {"weak_model": ["2", 0], "damped_percent": 0.7},
-    "TrainFreeTwoModelGuidance": {"guide_model": ["2", 0], "mode": "autoguidance (guide gets the prompt)",
-                                  "sine_weight": 0.7, "sine_until_timestep": 400},
-}
+# Settings other than the defaults, where the default would leave the patch idle in a short run.
+OVERRIDES = {"TrainFreeResidualCFG": {"mode": "self-negative"}}
 
 
-def stack_prompt(patches=tuple(PATCHES), width=128, height=128, batch=1, steps=6, seed=3, cfg=5.0,
+def patch_nodes(object_info):
+    """The pack's MODEL -> MODEL nodes, in the order the server lists them."""
+    return [name for name, info in object_info.items()
+            if name.startswith("TrainFree") and list(info["output"]) == ["MODEL"]
+            and info["input"]["required"].get("model", [None])[0] == "MODEL"]
+
+
+def patch_inputs(object_info, name):
+    inputs = {}
+    for section in ("required", "optional"):
+        for input_name, spec in object_info[name]["input"].get(section, {}).items():
+            kind, options = spec[0], spec[1] if len(spec) > 1 else {}
+            if kind == "MODEL":
+                inputs[input_name] = ["2", 0]
+            elif isinstance(kind, list):
+                inputs[input_name] = options.get("default", kind[0])
+            elif "default" in options:
+                inputs[input_name] = options["default"]
+    return {**inputs, **OVERRIDES.get(name, {})}
+
+
+def stack_prompt(object_info, patches=None, width=128, height=128, batch=1, steps=6, seed=3, cfg=5.0,
                  caption="a green digit two on a dark background"):
     prompt = {"1": REFERENCE, "2": REFERENCE}
     model = ["1", 0]
-    for i, name in enumerate(patches):
+    for i, name in enumerate(patch_nodes(object_info) if patches is None else patches):
         key = str(10 + i)
-        prompt[key] = {"class_type": name, "inputs": dict(PATCHES[name], model=model)}
+        prompt[key] = {"class_type": name, "inputs": {**patch_inputs(object_info, name), "model": model}}
         model = [key, 0]
     prompt.update({
-        "30": {"class_type": "CLIPTextEncode", "inputs": {"text": caption, "clip": ["1", 1]}},
-        "31": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
-        "32": {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": height, "batch_size": batch}},
-        "33": {"class_type": "KSampler", "inputs": {
+        "90": {"class_type": "CLIPTextEncode", "inputs": {"text": caption, "clip": ["1", 1]}},
+        "91": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "92": {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": height, "batch_size": batch}},
+        "93": {"class_type": "KSampler", "inputs": {
             "model": model, "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
-            "positive": ["30", 0], "negative": ["31", 0], "latent_image": ["32", 0], "denoise": 1.0}},
-        "34": {"class_type": "VAEDecode", "inputs": {"samples": ["33", 0], "vae": ["1", 2]}},
-        "35": {"class_type": "SaveImage", "inputs": {"images": ["34", 0], "filename_prefix": "trainfree_stack"}},
+            "positive": ["90", 0], "negative": ["91", 0], "latent_image": ["92", 0], "denoise": 1.0}},
+        "94": {"class_type": "VAEDecode", "inputs": {"samples": ["93", 0], "vae": ["1", 2]}},
+        "95": {"class_type": "SaveImage", "inputs": {"images": ["94", 0], "filename_prefix": "trainfree_stack"}},
     })
     return {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in prompt.items()}

@@ -8,7 +8,7 @@ import pytest
 
 from harness.server import ComfyServer, error_message
 from tests.server.conftest import SERVER_ARGS, pixels
-from tests.server.stack import PATCHES, stack_prompt
+from tests.server.stack import patch_nodes, stack_prompt
 
 # Words with which our messages tell the user what to do.
 FIX_WORDS = ("enter", "use", "connect", "swap", "name", "write", "make", "choose", "put", "must", "reinstall")
@@ -30,11 +30,10 @@ def _number_cases(object_info, node):
                 yield name, "no such option", "validation"
 
 
-def _cases(object_info, pack_nodes):
-    for node in pack_nodes:
-        if node in PATCHES:
-            for name, value, expect in _number_cases(object_info, node):
-                yield pytest.param(node, {name: value}, expect, name, id=f"{node}-{name}-{value}")
+def _cases(object_info):
+    for node in patch_nodes(object_info):
+        for name, value, expect in _number_cases(object_info, node):
+            yield pytest.param(node, {name: value}, expect, name, id=f"{node}-{name}-{value}")
     layer_texts = ["middle.x", "nowhere.3", "input.99", "double.1", "middle.0.1.2", "output.5-2", ",", "'; drop"]
     for text in layer_texts:
         yield pytest.param("TrainFreePAG", {"layers": text}, "execution", "layers", id=f"TrainFreePAG-layers-{text}")
@@ -47,10 +46,10 @@ def _cases(object_info, pack_nodes):
 
 
 @pytest.fixture(scope="module")
-def fresh_result():
+def fresh_result(object_info):
     """The valid stacked prompt's image on a server that has run nothing else."""
     with ComfyServer(frontend=False, extra_args=SERVER_ARGS) as fresh:
-        entry = fresh.run(stack_prompt())
+        entry = fresh.run(stack_prompt(object_info))
         assert entry["status"]["status_str"] == "success", error_message(entry)
         return pixels(fresh.images(entry)[0])
 
@@ -72,8 +71,8 @@ def _check_refusal(server, prompt, node_id, expect, input_name):
     assert any(word in message.lower() for word in FIX_WORDS), f"the message names no fix: {message}"
 
 
-def _broken_prompt(node, inputs):
-    prompt = stack_prompt()
+def _broken_prompt(object_info, node, inputs):
+    prompt = stack_prompt(object_info)
     node_id = next(k for k, n in prompt.items() if n["class_type"] == node)
     prompt[node_id]["inputs"].update(inputs)
     return prompt, node_id
@@ -81,12 +80,14 @@ def _broken_prompt(node, inputs):
 
 def test_broken_inputs_of_every_node_are_refused_by_name(server, object_info, pack_nodes):
     """The cases come from the node definitions the server reports, so a new input or node is covered by itself."""
+    uncovered = set(pack_nodes) - set(patch_nodes(object_info)) - {"TrainFreeReferenceModel"}
+    assert not uncovered, f"nodes that are not MODEL -> MODEL patches need bad-input cases of their own: {uncovered}"
     failures = []
-    cases = list(_cases(object_info, pack_nodes))
+    cases = list(_cases(object_info))
     assert len(cases) > 60
     for case in cases:
         node, inputs, expect, input_name = case.values
-        prompt, node_id = _broken_prompt(node, inputs)
+        prompt, node_id = _broken_prompt(object_info, node, inputs)
         try:
             _check_refusal(server, prompt, node_id, expect, input_name)
         except AssertionError as e:
@@ -95,37 +96,37 @@ def test_broken_inputs_of_every_node_are_refused_by_name(server, object_info, pa
     assert server.alive()
 
 
-def test_wrong_link_type_is_a_validation_error(server):
-    prompt, node_id = _broken_prompt("TrainFreeAPG", {})
+def test_wrong_link_type_is_a_validation_error(server, object_info):
+    prompt, node_id = _broken_prompt(object_info, "TrainFreeAPG", {})
     prompt[node_id]["inputs"]["model"] = ["1", 1]  # the loader's CLIP output into a MODEL input
     status, answer = server.post_prompt(prompt)
     assert status == 400 and node_id in answer["node_errors"], answer
 
 
-def test_guide_of_another_family_is_refused(server):
+def test_guide_of_another_family_is_refused(server, object_info):
     for node, slot in (("TrainFreeTwoModelGuidance", "guide_model"), ("TrainFreeNoiseDampedCFG", "weak_model")):
-        prompt, node_id = _broken_prompt(node, {})
-        prompt["90"] = {"class_type": "HarnessTinyModel", "inputs": {"family": "sdxl", "variant": "guide"}}
-        prompt[node_id]["inputs"][slot] = ["90", 0]
+        prompt, node_id = _broken_prompt(object_info, node, {})
+        prompt["80"] = {"class_type": "HarnessTinyModel", "inputs": {"family": "sdxl", "variant": "guide"}}
+        prompt[node_id]["inputs"][slot] = ["80", 0]
         _check_refusal(server, prompt, node_id, "execution", slot)
 
 
-def test_a_model_the_node_cannot_serve_is_refused_by_name(server):
-    prompt, node_id = _broken_prompt("TrainFreePAG", {})
-    prompt["90"] = {"class_type": "HarnessTinyModel", "inputs": {"family": "wan21", "variant": ""}}
-    prompt[node_id]["inputs"]["model"] = ["90", 0]  # a Wan 2.1 video model: PAG's layer names do not reach it
+def test_a_model_the_node_cannot_serve_is_refused_by_name(server, object_info):
+    prompt, node_id = _broken_prompt(object_info, "TrainFreePAG", {})
+    prompt["80"] = {"class_type": "HarnessTinyModel", "inputs": {"family": "wan21", "variant": ""}}
+    prompt[node_id]["inputs"]["model"] = ["80", 0]  # a Wan 2.1 video model: PAG's layer names do not reach it
     _check_refusal(server, prompt, node_id, "execution", "model")
     message = error_message(server.get("/history?max_items=1").popitem()[1])
     assert "cannot serve" in message and "SD1.5, SDXL" in message, message
 
 
-def test_latent_of_another_family_is_refused_by_name(server):
-    prompt = stack_prompt()
+def test_latent_of_another_family_is_refused_by_name(server, object_info):
+    prompt = stack_prompt(object_info)
     latent = next(k for k, n in prompt.items() if n["class_type"] == "EmptyLatentImage")
     # ComfyUI itself fixes the channel count of an all-zero (empty) latent, so encode an image with an SD3 VAE.
-    prompt["91"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 9000}}
-    prompt["92"] = {"class_type": "HarnessTinyVAE", "inputs": {"family": "sd3", "variant": ""}}
-    prompt[latent] = {"class_type": "VAEEncode", "inputs": {"pixels": ["91", 0], "vae": ["92", 0]}}
+    prompt["81"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 9000}}
+    prompt["82"] = {"class_type": "HarnessTinyVAE", "inputs": {"family": "sd3", "variant": ""}}
+    prompt[latent] = {"class_type": "VAEEncode", "inputs": {"pixels": ["81", 0], "vae": ["82", 0]}}
     status, answer = server.post_prompt(prompt)
     assert status == 200, answer
     message = error_message(server.wait(answer["prompt_id"]))
@@ -133,16 +134,16 @@ def test_latent_of_another_family_is_refused_by_name(server):
 
 
 @pytest.mark.parametrize("width, height, batch", [(136, 72, 3), (64, 64, 2)])
-def test_odd_sizes_and_batches_run(server, width, height, batch):
-    entry = server.run(stack_prompt(width=width, height=height, batch=batch, steps=3))
+def test_odd_sizes_and_batches_run(server, object_info, width, height, batch):
+    entry = server.run(stack_prompt(object_info, width=width, height=height, batch=batch, steps=3))
     assert entry["status"]["status_str"] == "success", error_message(entry)
     images = server.images(entry)
     assert len(images) == batch and pixels(images[0]).shape == (height, width, 3)
 
 
-def test_server_survives_and_leaks_no_state(server, fresh_result):
+def test_server_survives_and_leaks_no_state(server, object_info, fresh_result):
     """Runs last in this module: after every broken prompt above, a valid prompt equals a fresh server's result."""
     assert server.get("/system_stats")
-    entry = server.run(stack_prompt())
+    entry = server.run(stack_prompt(object_info))
     assert entry["status"]["status_str"] == "success", error_message(entry)
     assert (pixels(server.images(entry)[0]) == fresh_result).all()

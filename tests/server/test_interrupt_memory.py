@@ -7,15 +7,15 @@ import psutil
 
 from harness.server import error_message
 from tests.server.conftest import pixels
-from tests.server.stack import PATCHES, stack_prompt
+from tests.server.stack import patch_nodes, stack_prompt
 
 
-def test_interrupt_stops_a_long_run_and_the_next_run_is_clean(server):
-    clean = server.run(stack_prompt(seed=11))
+def test_interrupt_stops_a_long_run_and_the_next_run_is_clean(server, object_info):
+    clean = server.run(stack_prompt(object_info, seed=11))
     assert clean["status"]["status_str"] == "success", error_message(clean)
     expected = pixels(server.images(clean)[0])
 
-    status, answer = server.post_prompt(stack_prompt(steps=400, seed=12))
+    status, answer = server.post_prompt(stack_prompt(object_info, steps=400, seed=12))
     assert status == 200, answer
     started = time.monotonic()
     while not server.get("/queue")["queue_running"]:
@@ -28,20 +28,20 @@ def test_interrupt_stops_a_long_run_and_the_next_run_is_clean(server):
     assert "execution_interrupted" in kinds and "execution_success" not in kinds, kinds
     assert time.monotonic() - started < 30, "the interrupt took effect too late"
 
-    again = server.run(stack_prompt(seed=11))
+    again = server.run(stack_prompt(object_info, seed=11))
     assert again["status"]["status_str"] == "success", error_message(again)
     assert (pixels(server.images(again)[0]) == expected).all(), "the interrupted run left state behind"
 
 
-def test_resident_memory_settles_over_twenty_runs(server, artifacts):
+def test_resident_memory_settles_over_twenty_runs(server, object_info, artifacts):
     process = psutil.Process(server.process.pid)
     shapes = [(128, 128, 1), (64, 96, 2), (192, 128, 1), (96, 64, 3)]
-    stacks = [tuple(PATCHES), ("TrainFreePAG", "TrainFreeAPG"), ("TrainFreeFDG", "TrainFreeGuidanceInterval"),
+    stacks = [patch_nodes(object_info), ("TrainFreePAG", "TrainFreeAPG"), ("TrainFreeFDG", "TrainFreeGuidanceInterval"),
               ("TrainFreeResidualCFG", "TrainFreeTwoModelGuidance", "TrainFreeNoiseDampedCFG")]
     rss = []
     for i in range(20):
         width, height, batch = shapes[i % len(shapes)]
-        entry = server.run(stack_prompt(patches=stacks[i % len(stacks)], width=width, height=height, batch=batch,
+        entry = server.run(stack_prompt(object_info, patches=stacks[i % len(stacks)], width=width, height=height, batch=batch,
                                         steps=3, seed=i))
         assert entry["status"]["status_str"] == "success", error_message(entry)
         rss.append(process.memory_info().rss / 2**20)
