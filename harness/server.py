@@ -55,7 +55,8 @@ class ServerError(RuntimeError):
 class ComfyServer:
     """Start with ``start()`` (or as a context manager); every request helper raises ServerError on failure."""
 
-    def __init__(self, port=None, base_dir=None, frontend=True, extra_args=(), pack_dir=comfy_host.PACK_DIR):
+    def __init__(self, port=None, base_dir=None, frontend=True, extra_args=(), pack_dir=comfy_host.PACK_DIR,
+                 install_pack=True):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._own_base = base_dir is None
@@ -63,6 +64,7 @@ class ComfyServer:
         self.frontend = frontend
         self.extra_args = list(extra_args)
         self.pack_dir = pack_dir
+        self.install_pack = install_pack
         self.client_id = uuid.uuid4().hex
         self.process = None
         self.log_path = os.path.join(self.base_dir, "server.log")
@@ -90,7 +92,9 @@ class ComfyServer:
         return args + self.extra_args
 
     def start(self, timeout=180):
-        self._install_pack()
+        os.makedirs(os.path.join(self.base_dir, "custom_nodes"), exist_ok=True)  # main.py lists it at start-up
+        if self.install_pack:
+            self._install_pack()
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH="")
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env,

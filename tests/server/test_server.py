@@ -7,8 +7,8 @@ import re
 import pytest
 
 from harness import run_workflows
-from harness.server import error_message
-from tests.server.conftest import pixels, reference_prompt
+from harness.server import TEST_NODES, ComfyServer, error_message
+from tests.server.conftest import SERVER_ARGS, pixels, reference_prompt
 
 WORKFLOWS = sorted(glob.glob(os.path.join(run_workflows.WORKFLOWS, "*.json")))
 
@@ -28,14 +28,23 @@ def test_object_info_lists_every_pack_node_with_display_name_category_and_toolti
                 assert len(spec) > 1 and spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
 
 
-def test_start_up_log_has_no_warning_or_error_from_the_pack(server):
-    log = server.log()
-    assert "comfyui-trainfree" in log, "the pack's import time line is missing: it was not loaded"
-    assert not re.search(r"IMPORT FAILED.*trainfree|Cannot import .*trainfree", log), log[-3000:]
-    start_up = log.split("Starting server")[0]
-    ours = [line for line in start_up.splitlines()
-            if re.search(r"trainfree", line, re.I) and re.search(r"warn|error|traceback|deprecat", line, re.I)]
-    assert not ours, ours
+def _start_up_lines(server):
+    """The start-up log up to 'Starting server', with what differs between any two starts (folders, ports,
+    timings) masked."""
+    text = server.log().split("Starting server")[0].replace(server.base_dir, "<base>")
+    return [re.sub(r"\d+(\.\d+)?", "<n>", line).strip() for line in text.splitlines() if line.strip()]
+
+
+def test_start_up_log_has_nothing_from_the_pack_but_its_import_line(server):
+    """Against a server started the same way without the pack: every start-up line the pack adds is one of the
+    import-time lines ComfyUI prints per custom node folder, so no warning, error or traceback comes from it."""
+    assert "comfyui-trainfree" in server.log(), "the pack's import time line is missing: it was not loaded"
+    with ComfyServer(extra_args=SERVER_ARGS, install_pack=False) as bare:
+        baseline = set(_start_up_lines(bare))
+    added = [line for line in _start_up_lines(server) if line not in baseline]
+    import_lines = {"Import times for custom nodes:", "<n> seconds: <base>/custom_nodes/comfyui-trainfree",
+                    f"<n> seconds: <base>/custom_nodes/{TEST_NODES}"}
+    assert set(added) <= import_lines, added
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
