@@ -2,9 +2,9 @@
 weights, CPU, float32), timed round-robin in one process. Target: the math-only patches (APG, FDG) cost under 3%
 per step; guidance interval and residual CFG save unconditional passes (rows per run show how many).
 
-    python -m bench.guidance_speed [--steps 8] [--repeats 3] [--size 256] [--threads N]
+    python -m bench.guidance_speed [--steps 8] [--repeats 3] [--size 256] [--threads N] [--only apg,fdg]
 """
-from bench.timing import round_robin, save, setup
+from bench.timing import paired_ratio, round_robin, save, select, setup
 
 
 def configurations(base):
@@ -21,18 +21,22 @@ def configurations(base):
 
 
 def main():
-    args, base = setup(__doc__, default_steps=8)
-    models = configurations(base)
-    result, times = round_robin(models, args.steps, args.repeats, args.size)
+    args, base = setup(__doc__, default_steps=8, selectable=True)
+    models = select(configurations(base), args.only)
+    result, times, cpu_times = round_robin(models, args.steps, args.repeats, args.size)
     base_time, base_rows = result["cfg"]
-    print(f"\n{'configuration':<14}{'s/step':>9}{'x CFG':>8}{'rows/run':>10}{'passes saved':>14}")
+    ratios = {name: paired_ratio(times, name) for name in result}
+    cpu_ratios = {name: paired_ratio(cpu_times, name) for name in result}
+    print(f"\n{'configuration':<14}{'s/step':>9}{'x CFG':>8}{'x CFG cpu':>10}{'rows/run':>10}{'passes saved':>14}")
     for name, (seconds, rows) in result.items():
-        print(f"{name:<14}{seconds:>9.3f}{seconds / base_time:>8.3f}{rows:>10}{base_rows - rows:>14}")
+        print(f"{name:<14}{seconds:>9.3f}{ratios[name]:>8.3f}{cpu_ratios[name]:>10.3f}{rows:>10}{base_rows - rows:>14}")
+    print("(x CFG: median over repeats of the ratio to CFG's run in the same repeat, wall clock and CPU time)")
     math_ms = math_only(args.size, base_time)
     print("\ntarget: APG and FDG under 1.03x CFG per step. Their math alone (no model), per step:")
     for name, ms in math_ms.items():
         print(f"  {name}: {ms:.2f} ms = {100 * ms / 1000 / base_time:.3f}% of a CFG step")
-    save("guidance_speed", args, seconds=times, result=result, math_ms=math_ms)
+    save("guidance_speed", args, seconds=times, cpu_seconds=cpu_times, result=result, paired_ratio=ratios,
+         paired_cpu_ratio=cpu_ratios, math_ms=math_ms)
 
 
 def math_only(size, step_seconds, repeats=50):

@@ -31,7 +31,7 @@ def configurations(base):
 def main():
     args, base = setup(__doc__, default_steps=4)
     models = configurations(base)
-    result, times = round_robin(models, args.steps, args.repeats, args.size)
+    result, times, cpu_times = round_robin(models, args.steps, args.repeats, args.size)
     median = {name: seconds for name, (seconds, _) in result.items()}
     rows = {name: r for name, (_, r) in result.items()}
     ratio = {name: median[name] / median["cfg"] for name in models}
@@ -45,7 +45,7 @@ def main():
           f"(measured: ours {ratio['ours']:.2f}x, core {ratio['core']:.2f}x)")
     print(f"half window: guides {extra['ours-half']} of {extra['ours']} steps; expected "
           f"{expected_half:.2f}x (1 + share * (full - 1)), measured {ratio['ours-half']:.2f}x")
-    save("pag_speed", args, seconds=times, median=median, ratio=ratio, rows=rows, extra_passes=extra,
+    save("pag_speed", args, seconds=times, cpu_seconds=cpu_times, median=median, ratio=ratio, rows=rows, extra_passes=extra,
          expected_half=expected_half)
 
 

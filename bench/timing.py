@@ -48,7 +48,9 @@ class RowCounter:
 
 
 def round_robin(models, steps, repeats, size=256, cfg=5.0):
-    """``{name: (median seconds per step, rows of the last run)}`` for MODEL patchers sampled side by side."""
+    """``{name: (median seconds per step, rows of the last run)}`` for MODEL patchers sampled side by side, then the
+    wall-clock and the CPU seconds per step of every run by name. CPU time leaves out what a shared virtual machine
+    steals from the process, so its ratios are the steadier ones here."""
     import comfy.sample
     g = torch.Generator().manual_seed(0)
     pos = [[torch.randn(1, 77, 768, generator=g), {}]]
@@ -57,25 +59,35 @@ def round_robin(models, steps, repeats, size=256, cfg=5.0):
     noise = comfy.sample.prepare_noise(latent, 0)
     counters = {name: RowCounter(m) for name, m in models.items()}
     times = {name: [] for name in models}
+    cpu_times = {name: [] for name in models}
 
     def run(name):
         counters[name].rows = 0
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         comfy.sample.sample(models[name], noise, steps, cfg, "euler", "normal", pos, neg, latent, seed=0,
                             disable_pbar=True)
+        cpu_times[name].append((time.process_time() - start_cpu) / steps)
         return (time.perf_counter() - start) / steps
 
     with torch.inference_mode():
         for name in models:  # warm-up
             run(name)
+            cpu_times[name].clear()
+        names = list(models)
         for r in range(repeats):
-            for name in models:
+            for name in names[r % len(names):] + names[:r % len(names)]:  # rotated, so no one always goes first
                 times[name].append(run(name))
             print(f"  repeat {r + 1}/{repeats} done", flush=True)
-    return {name: (statistics.median(t), counters[name].rows) for name, t in times.items()}, times
+    return {name: (statistics.median(t), counters[name].rows) for name, t in times.items()}, times, cpu_times
 
 
-def setup(doc, default_steps):
+def paired_ratio(times, name, baseline="cfg"):
+    """Median over repeats of (this configuration's time / the baseline's time in the same repeat): slow drifts of
+    a shared machine cancel within a repeat."""
+    return statistics.median(a / b for a, b in zip(times[name], times[baseline]))
+
+
+def setup(doc, default_steps, selectable=False):
     """The benchmarks' shared start: parse --steps / --repeats / --size / --threads, boot ComfyUI, set the thread
     count, build the SD1.5 UNet and print the header line. Returns (args, model)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
@@ -83,6 +95,9 @@ def setup(doc, default_steps):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--size", type=int, default=256, help="image size in pixels (latent is size / 8)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    if selectable:
+        parser.add_argument("--only", default="", help="comma-separated configurations to time (default: all; "
+                                                        "'cfg' is always timed, as the baseline)")
     args = parser.parse_args()
     comfy_host.boot()
     if args.threads:
@@ -97,3 +112,12 @@ def save(name, args, **results):
     os.makedirs(OUTPUT, exist_ok=True)
     with open(os.path.join(OUTPUT, f"{name}.json"), "w") as f:
         json.dump({"args": vars(args), "threads": torch.get_num_threads(), **results}, f, indent=1)
+
+
+def select(models, only):
+    """The configurations named in ``only`` (comma-separated), plus the CFG baseline; all when ``only`` is empty."""
+    names = {n.strip() for n in only.split(",") if n.strip()}
+    unknown = names - set(models)
+    if unknown:
+        raise SystemExit(f"unknown configuration(s) {sorted(unknown)}; choose from {sorted(models)}")
+    return {k: v for k, v in models.items() if not names or k in names or k == "cfg"}
