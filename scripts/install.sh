@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 # Debian's Chromium for the browser tests (Playwright drives it; no browser is downloaded at run time).
 if ! command -v chromium >/dev/null 2>&1 && [ -z "${CHROMIUM:-}" ]; then
   SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
-  $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q --no-install-recommends chromium >/dev/null
+  { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q --no-install-recommends chromium >/dev/null; } \
+    || { echo "install.sh: could not install Debian's chromium with apt-get (the browser tests need it): install it" \
+              "or set CHROMIUM to a Chromium binary" >&2; exit 1; }
 fi
 PY=${PYTHON:-python3}
 pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
