@@ -143,6 +143,7 @@ class RunScope:
         self.state = None
         self.last_report = None
         self._make_state, self._finish = make_state, finish
+        guard_latent(model)
         model.add_wrapper_with_key(Wrappers.OUTER_SAMPLE, key, self._outer_sample)
         model.model_options.setdefault("transformer_options", {}).setdefault(_RUNS, {})[key] = self
 
@@ -150,7 +151,6 @@ class RunScope:
         return self
 
     def _outer_sample(self, executor, *args, **kwargs):
-        check_latent(executor.class_obj.model_patcher, args[1])
         outer = self.state  # a nested run (a sampler inside a sampler) gets its own state
         self.state = self._make_state(executor.class_obj, *args)
         try:
@@ -161,14 +161,29 @@ class RunScope:
             self.state = outer
 
 
+_LATENT_GUARD = "trainfree_latent_guard"
+
+
+def guard_latent(model):
+    """Check the latent's channels once per run, before sampling (one wrapper however many patches ask for it)."""
+    if not model.wrappers.get(Wrappers.OUTER_SAMPLE, {}).get(_LATENT_GUARD):
+        model.add_wrapper_with_key(Wrappers.OUTER_SAMPLE, _LATENT_GUARD, _check_latent_wrapper)
+
+
+def _check_latent_wrapper(executor, noise, latent_image, *args, **kwargs):
+    check_latent(executor.class_obj.model_patcher, latent_image)
+    return executor(noise, latent_image, *args, **kwargs)
+
+
 def check_latent(model, latent):
     """A latent from another family's empty-latent node or VAE fails deep inside the model; say so plainly."""
     expected = getattr(model.model.latent_format, "latent_channels", None)
     if expected is not None and latent.ndim >= 4 and latent.shape[1] != expected:
         family = FAMILY_NAMES.get(model_family(model), type(model.model.diffusion_model).__name__)
         raise ValueError(f"the latent has {latent.shape[1]} channels but this model ({family}) works on "
-                         f"{expected}-channel latents: make the latent with this model's empty-latent node (EmptyLatentImage for "
-                         f"SD1.5 / SDXL, EmptySD3LatentImage for SD3 / Flux) or encode it with this model's VAE")
+                         f"{expected}-channel latents: make the latent with this model's empty-latent node "
+                         f"(EmptyLatentImage for SD1.5 / SDXL, EmptySD3LatentImage for SD3 / Flux) or encode it "
+                         f"with this model's VAE")
 
 
 def run_reports(model):
@@ -200,6 +215,7 @@ def add_guidance_delta(model, technique, needs_uncond):
         cond, uncond, scale = args["cond_denoised"], args["uncond_denoised"], args["cond_scale"]
         plain = uncond + (cond - uncond) * scale
         return args["denoised"] + (technique(cond, uncond, scale, args["sigma"], args["input"]) - plain)
+    guard_latent(model)
     model.set_model_sampler_post_cfg_function(post_cfg, disable_cfg1_optimization=needs_uncond)
 
 

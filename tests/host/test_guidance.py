@@ -177,3 +177,12 @@ def test_patches_that_set_cfg_per_step_refuse_a_guider_that_does_not_read_it(tin
     with pytest.raises(ValueError, match="DualCFG.*does not read.*CFGGuider"):
         guider.sample(comfy.sample.prepare_noise(latent, 0), latent, comfy.samplers.sampler_object("euler"), sigmas,
                       disable_pbar=True, seed=0)
+
+
+def test_a_latent_of_another_family_is_named_once_however_many_patches(tiny, host):
+    import comfy.patcher_extension as pe
+    patched = fdg(apg(tiny("sd15")))
+    assert len(patched.wrappers[pe.WrappersMP.OUTER_SAMPLE][host._LATENT_GUARD]) == 1
+    for model in (fdg(tiny("sd15")), patched):
+        with pytest.raises(ValueError, match="16 channels but this model .SD1.5. works on 4-channel"):
+            sample(model, "sd3")  # an SD3 latent (16 channels) and conditioning into an SD1.5 model
