@@ -30,7 +30,6 @@ SAMPLER_NODES = ("KSampler", "KSamplerAdvanced")
 class _TinyLoader:
     CATEGORY = "harness"
     FUNCTION = "load"
-    OUTPUTS = ()
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -52,6 +51,15 @@ HARNESS_NODES = dict([_loader("HarnessTinyCheckpoint", ("MODEL", "CLIP", "VAE"))
                       _loader("HarnessTinyCLIP", ("CLIP",)), _loader("HarnessTinyVAE", ("VAE",))])
 
 
+# What each core loader returns: the same as its tiny stand-in.
+LOADER_OUTPUTS = {core: HARNESS_NODES[tiny].RETURN_TYPES for core, tiny in LOADERS.items()}
+
+
+def workflow_paths():
+    """Every example workflow file, sorted."""
+    return sorted(glob.glob(os.path.join(WORKFLOWS, "*.json")))
+
+
 def boot():
     comfy_host.boot()
     import nodes
@@ -70,8 +78,6 @@ def node_definitions():
     return {name: cls.INPUT_TYPES() for name, cls in nodes.NODE_CLASS_MAPPINGS.items()}
 
 
-LOADER_OUTPUTS = {"CheckpointLoaderSimple": ("MODEL", "CLIP", "VAE"), "UNETLoader": ("MODEL",), "CLIPLoader": ("CLIP",),
-                  "DualCLIPLoader": ("CLIP",), "TripleCLIPLoader": ("CLIP",), "VAELoader": ("VAE",)}
 REFERENCE_LOADER = {"class_type": "TrainFreeReferenceModel", "inputs": {"model_file": "trainfree_digits.safetensors"}}
 REFERENCE_OUTPUTS = ("MODEL", "CLIP", "VAE")
 REFERENCE_SIZE = 128
@@ -212,7 +218,7 @@ def main():
     os.makedirs(out_dir)
     boot()
     rows = []
-    for path in sorted(glob.glob(os.path.join(WORKFLOWS, "*.json"))):
+    for path in workflow_paths():
         images, seconds = run(path, out_dir, batch=args.batch)
         rows.append((os.path.basename(path), images, seconds))
         print(f"{os.path.basename(path)}: {len(images)} image(s) in {seconds:.1f} s")

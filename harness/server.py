@@ -55,31 +55,24 @@ class ServerError(RuntimeError):
 class ComfyServer:
     """Start with ``start()`` (or as a context manager); every request helper raises ServerError on failure."""
 
-    def __init__(self, port=None, base_dir=None, frontend=True, extra_args=(), pack_dir=comfy_host.PACK_DIR,
-                 install_pack=True):
+    def __init__(self, port=None, frontend=True, extra_args=(), install_pack=True):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._own_base = base_dir is None
-        self.base_dir = base_dir or tempfile.mkdtemp(prefix="trainfree-server-")
+        self.base_dir = tempfile.mkdtemp(prefix="trainfree-server-")
         self.frontend = frontend
         self.extra_args = list(extra_args)
-        self.pack_dir = pack_dir
         self.install_pack = install_pack
         self.client_id = uuid.uuid4().hex
         self.process = None
         self.log_path = os.path.join(self.base_dir, "server.log")
 
     # ---- life cycle
-    def _install_pack(self):
-        custom = os.path.join(self.base_dir, "custom_nodes")
-        os.makedirs(custom, exist_ok=True)
-        link = os.path.join(custom, "comfyui-trainfree")
-        if not os.path.lexists(link):
-            os.symlink(self.pack_dir, link, target_is_directory=True)
+    def _install_pack(self, custom):
+        os.symlink(comfy_host.PACK_DIR, os.path.join(custom, "comfyui-trainfree"), target_is_directory=True)
         testing = os.path.join(custom, TEST_NODES)
-        os.makedirs(testing, exist_ok=True)
+        os.makedirs(testing)
         with open(os.path.join(testing, "__init__.py"), "w") as f:
-            f.write(_TEST_NODES_INIT.format(root=self.pack_dir))
+            f.write(_TEST_NODES_INIT.format(root=comfy_host.PACK_DIR))
 
     def command(self):
         args = [sys.executable, "-c", _LAUNCHER, comfy_host.comfyui_path(), "--cpu", "--listen", "127.0.0.1",
@@ -92,9 +85,10 @@ class ComfyServer:
         return args + self.extra_args
 
     def start(self, timeout=180):
-        os.makedirs(os.path.join(self.base_dir, "custom_nodes"), exist_ok=True)  # main.py lists it at start-up
-        if self.install_pack:
-            self._install_pack()
+        custom = os.path.join(self.base_dir, "custom_nodes")
+        os.makedirs(custom, exist_ok=True)  # main.py lists it at start-up, pack or not
+        if self.install_pack and not os.listdir(custom):
+            self._install_pack(custom)
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH="")
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env,
@@ -124,11 +118,14 @@ class ComfyServer:
 
     def cleanup(self):
         self.stop()
-        if self._own_base:
-            shutil.rmtree(self.base_dir, ignore_errors=True)
+        shutil.rmtree(self.base_dir, ignore_errors=True)
 
     def __enter__(self):
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()
+            raise
 
     def __exit__(self, *exc):
         self.cleanup()

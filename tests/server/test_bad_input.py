@@ -33,16 +33,16 @@ def _number_cases(object_info, node):
 def _cases(object_info):
     for node in patch_nodes(object_info):
         for name, value, expect in _number_cases(object_info, node):
-            yield pytest.param(node, {name: value}, expect, name, id=f"{node}-{name}-{value}")
+            yield f"{node}-{name}-{value}", node, {name: value}, expect, name
     layer_texts = ["middle.x", "nowhere.3", "input.99", "double.1", "middle.0.1.2", "output.5-2", ",", "'; drop"]
     for text in layer_texts:
-        yield pytest.param("TrainFreePAG", {"layers": text}, "execution", "layers", id=f"TrainFreePAG-layers-{text}")
-    yield pytest.param("TrainFreePAG", {"start_percent": 0.8, "end_percent": 0.2}, "execution", "start_percent",
-                       id="TrainFreePAG-window-backwards")
-    yield pytest.param("TrainFreeGuidanceInterval", {"sigma_low": 9.0, "sigma_high": 1.0}, "execution", "sigma_low",
-                       id="TrainFreeGuidanceInterval-interval-backwards")
-    yield pytest.param("TrainFreeReferenceModel", {"model_file": "missing.safetensors"}, "validation", "model_file",
-                       id="TrainFreeReferenceModel-unknown-file")
+        yield f"TrainFreePAG-layers-{text}", "TrainFreePAG", {"layers": text}, "execution", "layers"
+    yield ("PAG-window-backwards", "TrainFreePAG", {"start_percent": 0.8, "end_percent": 0.2}, "execution",
+           "start_percent")
+    yield ("interval-backwards", "TrainFreeGuidanceInterval", {"sigma_low": 9.0, "sigma_high": 1.0}, "execution",
+           "sigma_low")
+    yield ("unknown-model-file", "TrainFreeReferenceModel", {"model_file": "missing.safetensors"}, "validation",
+           "model_file")
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +85,12 @@ def test_broken_inputs_of_every_node_are_refused_by_name(server, object_info, pa
     failures = []
     cases = list(_cases(object_info))
     assert len(cases) > 60
-    for case in cases:
-        node, inputs, expect, input_name = case.values
+    for case, node, inputs, expect, input_name in cases:
         prompt, node_id = _broken_prompt(object_info, node, inputs)
         try:
             _check_refusal(server, prompt, node_id, expect, input_name)
         except AssertionError as e:
-            failures.append(f"{case.id}: {e}")
+            failures.append(f"{case}: {e}")
     assert not failures, "\n".join(failures)
     assert server.alive()
 

@@ -1,14 +1,14 @@
 """The real ComfyUI frontend in Debian's Chromium, driven by Playwright, against the real server.
 
 For every example workflow: open the JSON file through the frontend's file input (what Load / drag-and-drop do),
-check that no missing-node dialog appears and that every pack node is rendered with its widgets holding the
-file's values, and that the frontend's own API conversion equals the harness's; then load the workflow rewired onto the reference model, press Run, wait for the run to finish,
-and keep a screenshot of the finished graph as a test artefact.
+check that no missing-node dialog appears, that every pack node is rendered with its widgets holding the file's
+values, and that the frontend's own API conversion equals the harness's; then load the workflow rewired onto the
+reference model, press Run, wait for the run to finish, and keep a screenshot of the finished graph as a test
+artefact. Also: the missing-node dialog does appear for an unknown node, and node search finds the pack's nodes.
 
 Chromium comes from the system (``apt-get install chromium``; ``.ci/run`` installs it), never downloaded at
 run time; set ``CHROMIUM`` to use another binary.
 """
-import glob
 import json
 import os
 import shutil
@@ -23,7 +23,7 @@ from harness.workflow_api import ui_to_api
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--disable-quic"]
-WORKFLOWS = sorted(glob.glob(os.path.join(run_workflows.WORKFLOWS, "*.json")))
+WORKFLOWS = run_workflows.workflow_paths()
 WIDGET_KINDS = ("INT", "FLOAT", "STRING", "BOOLEAN")
 
 
@@ -146,6 +146,7 @@ def test_node_search_finds_every_pack_node_and_adds_it(page, object_info, pack_n
             (name, options)
     page.locator("[role=option]", has_text=object_info["TrainFreePAG"]["display_name"]).first.click()
     page.wait_for_function("n => app.graph._nodes.length === n + 1", arg=before, timeout=10_000)
-    added = page.evaluate("(() => { const n = app.graph._nodes.at(-1); return [n.type, n.widgets.map(w => w.name)] })()")
+    added = page.evaluate("(() => { const n = app.graph._nodes.at(-1); "
+                          "return [n.type, n.widgets.map(w => w.name)] })()")
     assert added[0] == "TrainFreePAG" and "scale" in added[1] and "layers" in added[1], added
     page.screenshot(path=os.path.join(artifacts, "browser_node_search.png"))

@@ -41,8 +41,8 @@ def test_resident_memory_settles_over_twenty_runs(server, object_info, artifacts
     rss = []
     for i in range(20):
         width, height, batch = shapes[i % len(shapes)]
-        entry = server.run(stack_prompt(object_info, patches=stacks[i % len(stacks)], width=width, height=height, batch=batch,
-                                        steps=3, seed=i))
+        entry = server.run(stack_prompt(object_info, patches=stacks[i % len(stacks)], width=width, height=height,
+                                        batch=batch, steps=3, seed=i))
         assert entry["status"]["status_str"] == "success", error_message(entry)
         rss.append(process.memory_info().rss / 2**20)
     with open(os.path.join(artifacts, "server_memory.json"), "w") as f:

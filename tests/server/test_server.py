@@ -1,6 +1,5 @@
 """The pack inside ComfyUI's real server: what /object_info tells the frontend, a clean start-up log, and every
 example workflow queued through /prompt on the reference model, its images fetched through /history and /view."""
-import glob
 import os
 import re
 
@@ -10,7 +9,7 @@ from harness import run_workflows
 from harness.server import TEST_NODES, ComfyServer, error_message
 from tests.server.conftest import SERVER_ARGS, pixels, reference_prompt
 
-WORKFLOWS = sorted(glob.glob(os.path.join(run_workflows.WORKFLOWS, "*.json")))
+WORKFLOWS = run_workflows.workflow_paths()
 
 
 def test_object_info_lists_every_pack_node_with_display_name_category_and_tooltips(object_info, pack_nodes):

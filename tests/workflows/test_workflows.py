@@ -1,6 +1,5 @@
 """Every example workflow runs through ComfyUI's real execution engine on tiny models of its own family (the server
 tests run each on the reference model)."""
-import glob
 import json
 import os
 
@@ -9,7 +8,7 @@ import pytest
 from harness import run_workflows
 from harness.workflow_api import WorkflowError, ui_to_api
 
-PATHS = sorted(glob.glob(os.path.join(run_workflows.WORKFLOWS, "*.json")))
+PATHS = run_workflows.workflow_paths()
 
 
 @pytest.fixture(scope="module")
