@@ -1,6 +1,7 @@
 """Seconds per sampling step of PAG on the full-size SD1.5 UNet (random weights, CPU, float32).
 
-Configurations, timed round-robin in one process (median over --repeats runs, after one warm-up run each):
+Configurations, timed round-robin in one process (after one warm-up run each; x CFG is the median over --repeats
+of the ratio to CFG's run in the same repeat):
   cfg        plain CFG
   ours       CFG + TrainFreePAG, scale 3, layers "auto", full window
   core       CFG + ComfyUI core PerturbedAttentionGuidance, scale 3
@@ -13,7 +14,7 @@ the UNet evaluates per run; rows beyond plain CFG's are the extra conditional pa
 Run from the pack root:  python -m bench.pag_speed [--steps 4] [--repeats 3] [--size 256] [--threads N]
 Results also go to bench/output/pag_speed.json.
 """
-from bench.timing import round_robin, save, setup
+from bench.timing import paired_ratio, round_robin, save, setup
 
 
 def configurations(base):
@@ -34,7 +35,7 @@ def main():
     result, times, cpu_times = round_robin(models, args.steps, args.repeats, args.size)
     median = {name: seconds for name, (seconds, _) in result.items()}
     rows = {name: r for name, (_, r) in result.items()}
-    ratio = {name: median[name] / median["cfg"] for name in models}
+    ratio = {name: paired_ratio(times, name) for name in models}
     extra = {name: rows[name] - rows["cfg"] for name in models}
     print(f"\n{'configuration':<14}{'s/step':>9}{'x CFG':>8}{'rows/run':>10}{'extra passes':>14}")
     for name in models:
@@ -45,8 +46,8 @@ def main():
           f"(measured: ours {ratio['ours']:.2f}x, core {ratio['core']:.2f}x)")
     print(f"half window: guides {extra['ours-half']} of {extra['ours']} steps; expected "
           f"{expected_half:.2f}x (1 + share * (full - 1)), measured {ratio['ours-half']:.2f}x")
-    save("pag_speed", args, seconds=times, cpu_seconds=cpu_times, median=median, ratio=ratio, rows=rows, extra_passes=extra,
-         expected_half=expected_half)
+    save("pag_speed", args, seconds=times, cpu_seconds=cpu_times, median=median, ratio=ratio, rows=rows,
+         extra_passes=extra, expected_half=expected_half)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Shared pieces of the speed benchmarks: the full-size SD1.5 UNet with random weights, a row counter, and
-round-robin timing (every configuration in turn, repeated, median per configuration) so that a noisy machine
-slows all configurations alike and the printed ratios stay meaningful."""
+round-robin timing (every configuration in turn, in rotated order, repeated) with ratios paired per repeat, so
+that a noisy machine slows all configurations alike and the printed ratios stay meaningful."""
 import argparse
 import json
 import os
@@ -49,8 +49,8 @@ class RowCounter:
 
 def round_robin(models, steps, repeats, size=256, cfg=5.0):
     """``{name: (median seconds per step, rows of the last run)}`` for MODEL patchers sampled side by side, then the
-    wall-clock and the CPU seconds per step of every run by name. CPU time leaves out what a shared virtual machine
-    steals from the process, so its ratios are the steadier ones here."""
+    wall-clock and the CPU seconds per step of every run by name (CPU time leaves out what a shared virtual machine
+    steals from the process; on this project's machines both have shown the same spread)."""
     import comfy.sample
     g = torch.Generator().manual_seed(0)
     pos = [[torch.randn(1, 77, 768, generator=g), {}]]
@@ -66,17 +66,17 @@ def round_robin(models, steps, repeats, size=256, cfg=5.0):
         start, start_cpu = time.perf_counter(), time.process_time()
         comfy.sample.sample(models[name], noise, steps, cfg, "euler", "normal", pos, neg, latent, seed=0,
                             disable_pbar=True)
-        cpu_times[name].append((time.process_time() - start_cpu) / steps)
-        return (time.perf_counter() - start) / steps
+        return (time.perf_counter() - start) / steps, (time.process_time() - start_cpu) / steps
 
     with torch.inference_mode():
         for name in models:  # warm-up
             run(name)
-            cpu_times[name].clear()
         names = list(models)
         for r in range(repeats):
             for name in names[r % len(names):] + names[:r % len(names)]:  # rotated, so no one always goes first
-                times[name].append(run(name))
+                wall, cpu = run(name)
+                times[name].append(wall)
+                cpu_times[name].append(cpu)
             print(f"  repeat {r + 1}/{repeats} done", flush=True)
     return {name: (statistics.median(t), counters[name].rows) for name, t in times.items()}, times, cpu_times
 
