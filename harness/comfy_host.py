@@ -6,6 +6,7 @@ The ComfyUI tree is ``$COMFYUI_PATH`` if set, else the copy inside the PyPI pack
 import asyncio
 import importlib.util
 import os
+import re
 import sys
 
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,6 +24,20 @@ def comfyui_path():
     if not os.path.isfile(os.path.join(path, "comfy", "model_patcher.py")):
         raise RuntimeError(f"{path} is not a ComfyUI tree (no comfy/model_patcher.py)")
     return path
+
+
+def host_version(path=None):
+    """The ComfyUI version of a tree, from its comfyui_version.py."""
+    path = path or comfyui_path()
+    with open(os.path.join(path, "comfyui_version.py")) as f:
+        found = re.search(r"__version__\s*=\s*['\"]([^'\"]+)", f.read())
+    return found.group(1) if found else "unknown"
+
+
+def host_label():
+    """'0.33.0 (/path/to/ComfyUI)': which ComfyUI the tests run against."""
+    path = comfyui_path()
+    return f"{host_version(path)} ({path})"
 
 
 def boot():

@@ -13,3 +13,27 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def pytest_collect_directory(path, parent):
     if str(path) == REPO:
         return pytest.Dir.from_parent(parent, path=path)
+
+
+def pytest_report_header(config):
+    from harness import comfy_host
+    try:
+        return f"ComfyUI test host: {comfy_host.host_label()}"
+    except RuntimeError as e:
+        return f"ComfyUI test host: none ({e})"
+
+
+def pytest_sessionstart(session):
+    """Name the host in the JUnit report, so each result says which ComfyUI it came from."""
+    xml = getattr(session.config, "_store", {}).get(_junit_key(), None) if _junit_key() else None
+    if xml is not None:
+        from harness import comfy_host
+        xml.add_global_property("comfyui_host", comfy_host.host_label())
+
+
+def _junit_key():
+    try:
+        from _pytest.junitxml import xml_key
+        return xml_key
+    except ImportError:
+        return None
