@@ -49,29 +49,53 @@ def page(server):
     shutil.rmtree(profile, ignore_errors=True)
 
 
+# The file input hands the file to app.handleFile; keeping its promise lets a test wait until the load, and the
+# missing-node check the frontend makes during it, have finished (no fixed wait).
+_TRACK_LOADS = """() => { if (!app.__trainfreeTracked) { const load = app.handleFile.bind(app);
+    app.handleFile = (...args) => (window.__trainfreeLoad = Promise.resolve(load(...args)));
+    app.__trainfreeTracked = true; } window.__trainfreeLoad = null; }"""
+_NEXT_FRAMES = "() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))"
+# Feature probe for the frontend's missing-node report: 1.32.x opens a dialog; 1.49.x shows an error toast whose
+# "View details" opens a side panel listing the missing node packs.
+_MISSING_REPORTED = """() => !!document.querySelector('.p-dialog') ||
+    Array.from(document.querySelectorAll('button')).some(b => b.innerText.trim() === 'View details')"""
+
+
 def _open(page, workflow, name):
-    """Open a workflow the way Load does: through the file input, as a .json file."""
+    """Open a workflow the way Load does: through the file input, as a .json file; return when it has loaded."""
     folder = tempfile.mkdtemp(prefix="trainfree-wf-")
     path = os.path.join(folder, name)
     with open(path, "w") as f:
         json.dump(workflow, f)
+    page.evaluate(_TRACK_LOADS)
     page.set_input_files("#comfy-file-input", path)
+    page.wait_for_function("() => window.__trainfreeLoad !== null", timeout=30_000)
+    page.evaluate("() => window.__trainfreeLoad")
+    page.evaluate(_NEXT_FRAMES)
     expected = sorted(n["type"] for n in workflow["nodes"])
-    page.wait_for_function("types => JSON.stringify(app.graph._nodes.map(n => n.type).sort()) === types",
-                           arg=json.dumps(expected, separators=(",", ":")), timeout=30_000)
-    page.wait_for_timeout(500)
+    assert sorted(page.evaluate("app.graph._nodes.map(n => n.type)")) == expected
     shutil.rmtree(folder, ignore_errors=True)
 
 
 def _screenshot(page, path):
     page.locator("#graph-canvas").focus()
     page.keyboard.press(".")  # Fit View: the whole graph in the picture
-    page.wait_for_timeout(400)
+    page.evaluate(_NEXT_FRAMES)
     page.screenshot(path=path)
 
 
-def _dialog_text(page):
-    return page.evaluate("Array.from(document.querySelectorAll('.p-dialog')).map(d => d.innerText).join('\\n')")
+def _missing_node_report(page):
+    """The text of the frontend's missing-node report ('' when it shows none), in either frontend's form."""
+    if page.evaluate("!!document.querySelector('.p-dialog')"):
+        return page.evaluate("Array.from(document.querySelectorAll('.p-dialog')).map(d => d.innerText).join('\\n')")
+    details = page.get_by_role("button", name="View details")
+    if not details.count():
+        return ""
+    details.first.click()
+    page.wait_for_function("() => document.body.innerText.includes('Missing Node Packs') || "
+                           "document.body.innerText.includes('Missing Models')", timeout=10_000)
+    text = page.evaluate("document.body.innerText")
+    return text[text.index("Missing Node Packs"):] if "Missing Node Packs" in text else ""
 
 
 def _rendered_nodes(page):
@@ -87,8 +111,8 @@ def test_a_missing_node_is_reported_by_the_frontend(page):
     ours = next(n for n in workflow["nodes"] if n["type"].startswith("TrainFree"))
     ours["type"] = "TrainFreeNoSuchNode"
     _open(page, workflow, "missing.json")
-    page.wait_for_selector(".p-dialog", timeout=10_000)
-    assert "TrainFreeNoSuchNode" in _dialog_text(page)
+    page.wait_for_function(_MISSING_REPORTED, timeout=10_000)
+    assert "TrainFreeNoSuchNode" in _missing_node_report(page)
     page.keyboard.press("Escape")
     page.wait_for_selector(".p-dialog", state="detached", timeout=10_000)
 
@@ -100,8 +124,8 @@ def test_workflow_loads_renders_and_runs_in_the_browser(server, page, object_inf
         workflow = json.load(f)
     page.errors.clear()
     _open(page, workflow, os.path.basename(path))
-    assert "missing" not in _dialog_text(page).lower(), _dialog_text(page)
-    saved = {n["id"]: n for n in workflow["nodes"]}
+    assert not _missing_node_report(page), _missing_node_report(page)
+    saved = {str(n["id"]): n for n in workflow["nodes"]}  # 1.49.x reports node ids as strings
     for node in _rendered_nodes(page):
         assert node["registered"], f"{node['type']} is not a registered node type"
         if not node["type"].startswith("TrainFree"):
@@ -113,7 +137,7 @@ def test_workflow_loads_renders_and_runs_in_the_browser(server, page, object_inf
             for input_name, (kind, *_) in spec.get(section, {}).items():
                 if isinstance(kind, list) or kind in WIDGET_KINDS:
                     assert input_name in widgets, f"{node['type']} shows no widget for {input_name}"
-        assert [w[1] for w in node["widgets"]] == saved[node["id"]]["widgets_values"], node
+        assert [w[1] for w in node["widgets"]] == saved[str(node["id"])]["widgets_values"], node
     _screenshot(page, os.path.join(artifacts, f"browser_{name}_loaded.png"))
     # The frontend's own conversion to the API format is what Queue sends: the harness's converter must agree.
     frontend = page.evaluate("async () => (await app.graphToPrompt()).output")
@@ -123,29 +147,40 @@ def test_workflow_loads_renders_and_runs_in_the_browser(server, page, object_inf
 
     _open(page, run_workflows.reference_workflow(workflow), f"{name}_reference.json")
     with page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST") as queued:
-        page.get_by_role("button", name="Run", exact=True).click()
+        page.get_by_role("button", name="Run", exact=True).first.click()  # 1.49.x: Run, then its mode menu
     answer = queued.value.json()
     assert "prompt_id" in answer, answer
     entry = server.wait(answer["prompt_id"])
     assert entry["status"]["status_str"] == "success", error_message(entry)
-    page.wait_for_timeout(1000)  # let the finished image appear on the SaveImage node
+    page.wait_for_function("() => app.graph._nodes.some(n => n.type === 'SaveImage' && n.imgs && n.imgs.length && "
+                           "n.imgs.every(i => i.complete))", timeout=30_000)
     _screenshot(page, os.path.join(artifacts, f"browser_{name}_finished.png"))
     assert not page.errors, page.errors
 
 
 def test_node_search_finds_every_pack_node_and_adds_it(page, object_info, pack_nodes, artifacts):
     """What a user does to add a node: double-click the canvas, type, pick the result."""
-    before = page.evaluate("app.graph._nodes.length")
-    page.mouse.dblclick(800, 750)
-    page.wait_for_selector("input[placeholder='Search Nodes...']", timeout=10_000)
-    page.keyboard.type("TrainFree")
-    page.wait_for_timeout(1000)
+    # An empty canvas, loaded like any workflow, so the double-click cannot land on a node.
+    _open(page, {"last_node_id": 0, "last_link_id": 0, "nodes": [], "links": [], "groups": [], "config": {},
+                 "extra": {}, "version": 0.4}, "empty.json")
+    # Feature probe for the frontend's search box: 'Search Nodes...' in 1.32.x, 'Add a node...' in 1.49.x.
+    search = page.locator("input[placeholder='Search Nodes...'], input[placeholder='Add a node...']").first
+    page.mouse.dblclick(800, 500)
+    search.wait_for(timeout=10_000)
+    search.press_sequentially("TrainFree")
+    names = [object_info[name]["display_name"] for name in pack_nodes]
+    try:  # wait until the search has listed every pack node; the assertion below says which one is missing
+        page.wait_for_function("names => { const t = Array.from(document.querySelectorAll('[role=option]'))"
+                               ".map(o => o.innerText).join('\\n'); return names.every(n => t.includes(n)) }",
+                               arg=names, timeout=10_000)
+    except Exception:
+        pass
     options = page.locator("[role=option]").all_inner_texts()
     for name in pack_nodes:
         assert any(object_info[name]["display_name"] in text and "trainfree" in text for text in options), \
             (name, options)
     page.locator("[role=option]", has_text=object_info["TrainFreePAG"]["display_name"]).first.click()
-    page.wait_for_function("n => app.graph._nodes.length === n + 1", arg=before, timeout=10_000)
+    page.wait_for_function("() => app.graph._nodes.length === 1", timeout=10_000)
     added = page.evaluate("(() => { const n = app.graph._nodes.at(-1); "
                           "return [n.type, n.widgets.map(w => w.name)] })()")
     assert added[0] == "TrainFreePAG" and "scale" in added[1] and "layers" in added[1], added
