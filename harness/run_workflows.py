@@ -16,7 +16,7 @@ import shutil
 import time
 import zlib
 
-from harness import comfy_host, tiny_models
+from harness import comfy_host, leak_probe, tiny_models
 from harness.workflow_api import ui_to_api
 
 WORKFLOWS = os.path.join(comfy_host.PACK_DIR, "workflows")
@@ -48,7 +48,8 @@ def _loader(name, outputs):
 
 
 HARNESS_NODES = dict([_loader("HarnessTinyCheckpoint", ("MODEL", "CLIP", "VAE")), _loader("HarnessTinyModel", ("MODEL",)),
-                      _loader("HarnessTinyCLIP", ("CLIP",)), _loader("HarnessTinyVAE", ("VAE",))])
+                      _loader("HarnessTinyCLIP", ("CLIP",)), _loader("HarnessTinyVAE", ("VAE",)),
+                      ("HarnessLeakProbe", leak_probe.HarnessLeakProbe)])
 
 
 # What each core loader returns: the same as its tiny stand-in.

@@ -17,6 +17,7 @@ import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_base
 import comfy.patcher_extension
 import comfy.supported_models
+import comfy.utils
 from comfy.ldm.flux.model import Flux as FluxTransformer
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
@@ -35,6 +36,10 @@ UNET_FAMILIES = ("sd15", "sdxl", "unet")
 DIT_FAMILIES = ("sd3", "flux")
 # Feature probe: ComfyUI routes attention through a user override only since the ``wrap_attn`` decorator exists.
 HAS_ATTENTION_OVERRIDE = hasattr(comfy_attention, "wrap_attn")
+# Feature probe: ComfyUI 0.3.75's ModelPatcher.clone deep-copies model_options with copy.deepcopy, which would give
+# each clone its own copy of a patch's RunScope unless the scope copies to itself (RunScope.__deepcopy__); later
+# versions copy only the dicts and lists (comfy.utils.deepcopy_list_dict) and leave the objects in them shared.
+CLONE_DEEP_COPIES_OBJECTS = not hasattr(comfy.utils, "deepcopy_list_dict")
 _RUNS = "trainfree_runs"
 _GUIDANCE_OFF = "trainfree_guidance_off"  # model_options flag: a patch switched guidance off for this evaluation
 _IDENTITY_CHUNKS = "trainfree_identity_chunks"
@@ -42,6 +47,14 @@ _IDENTITY_CHUNKS = "trainfree_identity_chunks"
 
 class UnsupportedModel(ValueError):
     pass
+
+
+def probes():
+    """The feature probes and the branch this ComfyUI takes: ``{name: (value, kind)}``. A 'branch' probe picks
+    between two code paths that differ between supported versions (the test hosts must cover both); a
+    'requirement' is a hook the pack needs and every supported version has."""
+    return {"clone_deep_copies_objects": (CLONE_DEEP_COPIES_OBJECTS, "branch"),
+            "attention_override_hook": (HAS_ATTENTION_OVERRIDE, "requirement")}
 
 
 def model_family(model):

@@ -24,6 +24,8 @@ for host in $TRAINFREE_HOSTS; do
   [ $rc -eq 0 ] || status=$rc
   summary+=("$host: $("$(host_python "$host")" -m harness.junit_summary "$artifacts/junit.xml") in $(( $(date +%s) - start )) s")
 done
+echo "=== feature probes per host ==="
+"${PYTHON:-python3}" -m harness.probe_record test_artifacts/*/probes.json || status=1
 echo "=== summary per host ==="
 printf '%s\n' "${summary[@]}"
 "${PYTHON:-python3}" -m harness.junit_summary --total test_artifacts/*/junit.xml

@@ -16,7 +16,7 @@ import tempfile
 
 import pytest
 
-from harness import run_workflows
+from harness import probe_record, run_workflows
 from harness.server import error_message
 from harness.workflow_api import ui_to_api
 
@@ -87,10 +87,12 @@ def _screenshot(page, path):
 def _missing_node_report(page):
     """The text of the frontend's missing-node report ('' when it shows none), in either frontend's form."""
     if page.evaluate("!!document.querySelector('.p-dialog')"):
+        probe_record.record("frontend_missing_nodes_as_dialog", True)
         return page.evaluate("Array.from(document.querySelectorAll('.p-dialog')).map(d => d.innerText).join('\\n')")
     details = page.get_by_role("button", name="View details")
     if not details.count():
         return ""
+    probe_record.record("frontend_missing_nodes_as_dialog", False)
     details.first.click()
     page.wait_for_function("() => document.body.innerText.includes('Missing Node Packs') || "
                            "document.body.innerText.includes('Missing Models')", timeout=10_000)
@@ -167,6 +169,7 @@ def test_node_search_finds_every_pack_node_and_adds_it(page, object_info, pack_n
     search = page.locator("input[placeholder='Search Nodes...'], input[placeholder='Add a node...']").first
     page.mouse.dblclick(800, 500)
     search.wait_for(timeout=10_000)
+    probe_record.record("frontend_search_placeholder", search.get_attribute("placeholder"))
     search.press_sequentially("TrainFree")
     names = [object_info[name]["display_name"] for name in pack_nodes]
     try:  # wait until the search has listed every pack node; the assertion below says which one is missing

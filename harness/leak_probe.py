@@ -1,0 +1,163 @@
+"""A test-only output node that looks inside the server process for what the pack could leak.
+
+Put it at the end of a prompt (it takes the decoded images, so it runs after sampling has ended). It reports:
+- ``run_scopes`` / ``scopes_holding_state``: the pack's per-run scopes alive, and those still holding a run's state;
+- ``tensors_held_by_pack``: tensors reachable from the pack's own objects (module globals, the per-run state and
+  reports of its scopes, the closures of the hooks it registered), not counting the models those hold;
+- ``model_hooks``: per ModelPatcher alive, how many wrappers, callbacks, patches and option entries it carries;
+- ``gc_types``: gc-tracked objects per type, and the number and bytes of all live tensors; ``rss_mib``.
+"""
+import collections
+import gc
+import os
+import types
+import warnings
+
+import psutil
+import torch
+
+from harness import comfy_host
+
+_PACK = os.path.realpath(comfy_host.PACK_DIR)
+_PACK_CODE = tuple(os.path.join(_PACK, folder) + os.sep for folder in ("nodes", "guidance_ops"))
+
+
+def _is_pack_file(path):
+    """Whether ``path`` is the pack's own code (what ComfyUI loads of it), not its harness, tests or a host tree."""
+    real = os.path.realpath(path or "")
+    return real.startswith(_PACK_CODE) or real == os.path.join(_PACK, "__init__.py")
+
+
+def _pack_modules():
+    return [m for m in list(__import__("sys").modules.values()) if _is_pack_file(getattr(m, "__file__", None))]
+
+
+def _is_pack_function(fn):
+    return isinstance(fn, types.FunctionType) and _is_pack_file(fn.__code__.co_filename)
+
+
+def _tensors_reachable(roots):
+    """Tensors reachable from ``roots`` without passing through models, modules, classes or ComfyUI functions:
+    ``{root: [shape, ...]}``, a root named by its type (and function name)."""
+    found = {}
+    for root in roots:
+        shapes = _tensors_from(root)
+        if shapes:
+            name = getattr(root, "__qualname__", type(root).__qualname__)
+            found.setdefault(name, []).extend(shapes)
+    return found
+
+
+def _tensors_from(root):
+    import comfy.model_patcher
+    stop = (types.ModuleType, type, torch.nn.Module, comfy.model_patcher.ModelPatcher)
+    seen, found, todo = set(), {}, [root]
+    parent = {}
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or obj is None or isinstance(obj, stop):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            chain, o = [], id(obj)
+            while o in parent:
+                o, desc = parent[o]
+                chain.append(desc)
+            found[id(obj)] = [list(obj.shape), chain[:12]]
+            continue
+        if isinstance(obj, types.FunctionType):
+            if not _is_pack_function(obj):
+                continue
+            for cell in (obj.__closure__ or ()):
+                if _cell_filled(cell):
+                    parent.setdefault(id(cell.cell_contents), (id(obj), "fn " + obj.__qualname__))
+                    todo.append(cell.cell_contents)
+            continue
+        for ref in gc.get_referents(obj):
+            desc = type(obj).__qualname__
+            if isinstance(obj, dict):
+                desc += " " + ",".join(str(k)[:20] for k, v in obj.items() if v is ref)[:60]
+            parent.setdefault(id(ref), (id(obj), desc))
+            todo.append(ref)
+    return list(found.values())
+
+
+def _cell_filled(cell):
+    try:
+        cell.cell_contents
+        return True
+    except ValueError:
+        return False
+
+
+def _nested_size(value):
+    if isinstance(value, dict):
+        return sum(1 + _nested_size(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(1 + _nested_size(v) for v in value)
+    return 0
+
+
+def _hook_sizes(patcher):
+    options = patcher.model_options
+    return {"wrappers": _nested_size(patcher.wrappers), "callbacks": _nested_size(patcher.callbacks),
+            "model_options": _nested_size(options),
+            "transformer_options": _nested_size(options.get("transformer_options", {})),
+            "additional_models": _nested_size(getattr(patcher, "additional_models", {}))}
+
+
+def probe():
+    import comfy.model_patcher
+    gc.collect()
+    objects = gc.get_objects()
+    with warnings.catch_warnings():  # isinstance on some of torch's deprecated lazy objects warns
+        warnings.simplefilter("ignore")
+        tensors = [o for o in objects if isinstance(o, torch.Tensor)]
+    scopes = [o for o in objects if type(o).__name__ == "RunScope" and _is_pack_file(
+        getattr(__import__("sys").modules.get(type(o).__module__), "__file__", None))]
+    patchers = [o for o in objects if isinstance(o, comfy.model_patcher.ModelPatcher)]
+    roots = [vars(m) for m in _pack_modules()]
+    roots += [s.state for s in scopes] + [s.last_report for s in scopes]
+    for patcher in patchers:  # the closures of every hook the pack registered on a live model
+        for hooks in (patcher.wrappers, patcher.callbacks, patcher.model_options):
+            roots += [f for f in _functions(hooks) if _is_pack_function(f)]
+    return {
+        "run_scopes": len(scopes),
+        "scopes_holding_state": sum(s.state is not None for s in scopes),
+        "tensors_held_by_pack": _tensors_reachable(roots),
+        "model_hooks": sorted((_hook_sizes(p) for p in patchers), key=lambda d: sorted(d.items())),
+        "live_tensors": len(tensors),
+        "live_tensor_mib": round(sum(t.element_size() * t.nelement() for t in tensors) / 2**20, 2),
+        "gc_types": dict(collections.Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in objects)),
+        "rss_mib": round(psutil.Process().memory_info().rss / 2**20, 1),
+    }
+
+
+def _functions(value):
+    if callable(value) and not isinstance(value, (dict, list, tuple, type)):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _functions(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _functions(v)
+
+
+class HarnessLeakProbe:
+    CATEGORY = "harness"
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ()
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE", {})}}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")  # never cached: every prompt looks again
+
+    def run(self, images):
+        del images
+        return {"ui": {"trainfree_probe": [probe()]}}
