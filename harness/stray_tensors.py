@@ -5,13 +5,15 @@ model's tensors fails; one made without naming its dtype is float32 (or int64) a
 On a CPU-only machine neither shows, so ``StrayTensorCheck``, a TorchFunctionMode held around sampling, inspects
 every tensor factory call whose caller (the first frame outside torch) is a file under one of ``roots``:
 
-- ``torch.zeros / ones / full / empty / tensor / arange / rand* / ...`` must name both ``device`` and ``dtype``;
+- ``torch.zeros / ones / full / empty / tensor / arange / rand* / ...`` must name both ``device`` and ``dtype``, the
+  device not as a string or index (``"cpu"``, ``0``): one taken from a tensor is a ``torch.device``;
 - ``torch.tensor`` / ``as_tensor`` / ``asarray`` of a tensor pass without them (the tensor keeps its own);
 - ``*_like`` functions and ``Tensor.new_*`` pass: they take both from a tensor unless told otherwise;
 - ``Tensor.cpu / cuda / numpy`` and ``torch.from_numpy`` always count: they pin a tensor to one device.
 
 Every offending call is kept in ``strays`` as ``(function, "file:line")``; ``seen`` counts the calls checked (those
-that pass included).
+that pass included). Not seen: a ``torch.device("cpu")`` written out (indistinguishable from a tensor's on a CPU),
+and ``Tensor.to``, whose target the check cannot trace.
 """
 import os
 import sys
@@ -70,6 +72,8 @@ def _unnamed(func, args, kwargs):
     if func is torch.as_tensor:  # as_tensor(data, dtype=None, device=None) also takes them by position
         dtype = args[1] if len(args) > 1 else dtype
         device = args[2] if len(args) > 2 else device
+    if isinstance(device, (str, int)):
+        return True  # a device written out ("cpu", "cuda", 0); one taken from a tensor is a torch.device
     if func in FROM_DATA and args and isinstance(args[0], torch.Tensor):
         return False  # a tensor keeps its own device and dtype unless told otherwise
     return dtype is None or device is None

@@ -1,5 +1,5 @@
 """Every node on half-precision models, as ComfyUI runs them on a GPU: weights and inference in float16 for the
-UNet families and bfloat16 for the DiTs and Wan, plus the other dtype on one UNet and one DiT.
+UNet families and bfloat16 for the DiTs and Wan, and every family in the other dtype as well.
 
 For each node and case the real sampler runs a few steps on a tiny latent, and the test shows: the output is
 finite; the patch acts (it moves the result by more than half-precision rounding could); the node's neutral
@@ -18,8 +18,9 @@ F16, BF16 = torch.float16, torch.bfloat16
 VIDEO = tiny_models.VIDEO_FAMILY
 SINE = "SINE (guide is a fine-tuned model mixed into the prompt branch)"
 STEPS, SIZE, FRAMES, CFG = 3, 8, 2, 3.0
-# As GPUs run them (float16 UNets, bfloat16 DiTs and Wan), then the other dtype on one UNet and one DiT.
-CASES = [("sd15", F16), ("sdxl", F16), ("sd3", BF16), ("flux", BF16), (VIDEO, BF16), ("sd15", BF16), ("flux", F16)]
+# As GPUs run them (float16 UNets, bfloat16 DiTs and Wan), then each family in the other dtype.
+CASES = [("sd15", F16), ("sdxl", F16), ("sd3", BF16), ("flux", BF16), (VIDEO, BF16),
+         ("sd15", BF16), ("sdxl", BF16), ("sd3", F16), ("flux", F16), (VIDEO, F16)]
 IMAGE_CASES = [case for case in CASES if case[0] != VIDEO]
 
 

@@ -97,10 +97,11 @@ def _copy_of_apg(folder, planted):
 @pytest.mark.parametrize("planted,stray", [
     ("    delta = (cond - uncond) * torch.tensor(1.0)\n", "tensor"),
     ("    delta = cond - uncond + torch.zeros(cond.shape, dtype=cond.dtype)\n", "zeros"),
+    ("    delta = cond - uncond + torch.zeros(cond.shape, dtype=cond.dtype, device='cpu')\n", "zeros"),
     ("    delta = (cond - uncond).cpu()\n", "cpu"),
     ("    delta = (cond - uncond) * torch.tensor(1.0, dtype=cond.dtype, device=cond.device)\n", None),
     ("    delta = cond - uncond + torch.zeros_like(cond)\n", None),
-], ids=["default_device_and_dtype", "default_device", "pinned_to_cpu", "named", "like"])
+], ids=["default_device_and_dtype", "default_device", "device_written_out", "pinned_to_cpu", "named", "like"])
 def test_the_check_catches_a_stray_planted_in_a_copy_of_a_pack_module(models, host, tmp_path, planted, stray):
     copy, path, line = _copy_of_apg(str(tmp_path), planted)
     model = models("sd15").clone()
