@@ -73,7 +73,11 @@ def reconstruct(bands):
 def frequency_guidance(cond, uncond, scales, parallel_weights=None):
     """FDG with one scale (and optionally one parallel weight) per band, finest first; 4-D or 5-D latents.
 
-    The pyramid runs in float32 (float64 for float64 input); the result is in the input dtype.
+    Computed as CFG at the coarse band's scale w_L plus the pyramid of what each band adds to it,
+    psi^-1[{(w_b - 1) Delta'_b - (w_L - 1) Delta_b}]: the same sum (the pyramid is linear), but with equal scales and
+    parallel weights 1 every band of the correction is exactly zero, so the result is bit for bit ComfyUI's CFG
+    ``uncond + (cond - uncond) * w`` in the input dtype. The pyramid runs in float32 (float64 for float64 input); the
+    result is in the input dtype.
     """
     levels = len(scales)
     parallel_weights = [1.0] * levels if parallel_weights is None else list(parallel_weights)
@@ -81,14 +85,17 @@ def frequency_guidance(cond, uncond, scales, parallel_weights=None):
         raise ValueError("FDG needs at least two bands and one parallel weight per band")
     work = torch.float64 if cond.dtype == torch.float64 else torch.float32
     h, w = cond.shape[-2:]
+    reference = scales[-1]
     pyramids = [laplacian_pyramid(_pad(_to_images(x.to(work)), levels), levels) for x in (cond, uncond)]
-    guided = []
+    corrections = []
     for c, u, scale, eta in zip(*pyramids, scales, parallel_weights):
         delta = c - u
+        guided = delta
         if eta != 1.0:
-            delta = (delta - (1.0 - eta) * parallel_component(delta, c, samples=cond.shape[0])).to(work)
-        guided.append(c + (scale - 1.0) * delta)
-    return _from_images(reconstruct(guided)[..., :h, :w], cond).to(cond.dtype)
+            guided = (delta - (1.0 - eta) * parallel_component(delta, c, samples=cond.shape[0])).to(work)
+        corrections.append((scale - 1.0) * guided - (reference - 1.0) * delta)
+    correction = _from_images(reconstruct(corrections)[..., :h, :w], cond)
+    return (uncond + (cond - uncond) * reference + correction).to(cond.dtype)
 
 
 def fdg(cond, uncond, w_low, w_high, levels=DEFAULT_LEVELS, eta_low=1.0, eta_high=1.0):

@@ -23,21 +23,17 @@ PRESETS = {
 }
 
 
-def _sigma(sigma):
-    """The first of a float or a tensor of per-row sigmas (ComfyUI gives every row the same sigma), as a tensor."""
-    if isinstance(sigma, (int, float)):
-        return torch.tensor(float(sigma), dtype=torch.float64)
-    return torch.as_tensor(sigma).flatten()[0]
-
-
 def guidance_active(sigma, sigma_low, sigma_high):
-    """True when ``sigma`` lies in the closed interval [sigma_low, sigma_high].
+    """True when ``sigma`` (a float, or a tensor of per-row sigmas, which ComfyUI makes all equal) lies in the closed
+    interval [sigma_low, sigma_high].
 
-    The bounds are rounded to sigma's dtype first, so a bound typed in as a schedule's float32 sigma matches it.
+    For a tensor the bounds are rounded to its dtype first (on its device), so a bound typed in as a schedule's
+    float32 sigma matches it.
     """
-    s = _sigma(sigma).cpu()
-    low, high = (torch.tensor(float(b), dtype=s.dtype) for b in (sigma_low, sigma_high))
-    return bool(low <= s <= high)
+    if isinstance(sigma, (int, float)):
+        return sigma_low <= sigma <= sigma_high
+    s = torch.as_tensor(sigma).flatten()[0]
+    return bool(s.new_tensor(float(sigma_low)) <= s) and bool(s <= s.new_tensor(float(sigma_high)))
 
 
 def cfg(cond, uncond, scale):

@@ -32,12 +32,18 @@ def pag_guidance(denoised, cond_denoised, perturbed_denoised, scale):
 
 def rescale_to_reference(guided, reference, phi):
     """Guidance rescale (Lin et al. 2024, eq. 15-16): match the per-sample std of ``guided`` to ``reference``
-    and blend with weight ``phi`` (0 = off), which counters the over-exposure large guidance causes."""
+    and blend with weight ``phi`` (0 = off), which counters the over-exposure large guidance causes.
+
+    The statistics run in float32 (float64 for float64 input), since a float16 sum of squares over a latent
+    overflows; the result is in ``guided``'s dtype.
+    """
     if phi == 0:
         return guided
+    work = torch.promote_types(guided.dtype, torch.float32)
+    wide, reference = guided.to(work), reference.to(work)
     dims = tuple(range(1, guided.ndim))
-    ratio = reference.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-12)
-    return phi * guided * ratio + (1.0 - phi) * guided
+    ratio = reference.std(dim=dims, keepdim=True) / wide.std(dim=dims, keepdim=True).clamp_min(1e-12)
+    return (phi * wide * ratio + (1.0 - phi) * wide).to(guided.dtype)
 
 
 def in_window(sigma, sigma_start, sigma_end):

@@ -65,12 +65,16 @@ def _config(family):
             VIDEO_FAMILY: (sm.WAN21_T2V, _WAN21)}[family]
 
 
-def make_model(family, seed=0):
-    """A ModelPatcher around a tiny random model of ``family``."""
+def make_model(family, seed=0, dtype=torch.float32):
+    """A ModelPatcher around a tiny random model of ``family`` whose weights and inference are in ``dtype``.
+
+    ``dtype`` goes through ``set_inference_dtype`` with no manual cast, as ComfyUI loads a float16 / bfloat16
+    checkpoint on a GPU that computes in that dtype; the weights are the float32 ones of ``seed`` rounded to it.
+    """
     import comfy.model_patcher
     cls, unet = _config(family)
     config = cls(dict(unet))
-    config.set_inference_dtype(torch.float32, None)
+    config.set_inference_dtype(dtype, None)
     cpu = torch.device("cpu")
     model = config.get_model({}, device=cpu)
     init_fan_in(model.diffusion_model, seed)
