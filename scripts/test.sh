@@ -19,7 +19,7 @@ for host in $TRAINFREE_HOSTS; do
   echo "=== ComfyUI $host ==="
   start=$(date +%s)
   COMFYUI_PATH="$(host_comfyui "$host")" TRAINFREE_ARTIFACTS="$artifacts" \
-    "$(host_python "$host")" -m pytest --junitxml="$artifacts/junit.xml" "$@"
+    "$(host_python "$host")" -m pytest --junitxml="$artifacts/junit.xml" -o junit_suite_name="comfyui-$host" "$@"
   rc=$?
   [ $rc -eq 0 ] || status=$rc
   summary+=("$host: $("$(host_python "$host")" -m harness.junit_summary "$artifacts/junit.xml") in $(( $(date +%s) - start )) s")
