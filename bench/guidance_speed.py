@@ -2,7 +2,9 @@
 weights, CPU, float32), timed round-robin in one process. Target: the math-only patches (APG, FDG) cost under 3%
 per step; guidance interval and residual CFG save unconditional passes (rows per run show how many).
 
-    python -m bench.guidance_speed [--steps 8] [--repeats 3] [--size 256] [--threads N] [--only apg,fdg]
+    python -m bench.guidance_speed [--steps 8] [--repeats 3] [--size 256] [--threads N] [--only apg,fdg] [--json PATH]
+
+The raw result goes to --json (default bench/output/guidance_speed.json); README's figures are in docs/bench/.
 """
 from bench.timing import paired_ratio, round_robin, save, select, setup
 
@@ -32,11 +34,12 @@ def main():
         print(f"{name:<14}{seconds:>9.3f}{ratios[name]:>8.3f}{cpu_ratios[name]:>10.3f}{rows:>10}{base_rows - rows:>14}")
     print("(x CFG: median over repeats of the ratio to CFG's run in the same repeat, wall clock and CPU time)")
     math_ms = math_only(args.size, base_time)
+    math_percent = {name: 100 * ms / 1000 / base_time for name, ms in math_ms.items()}
     print("\ntarget: APG and FDG under 1.03x CFG per step. Their math alone (no model), per step:")
     for name, ms in math_ms.items():
-        print(f"  {name}: {ms:.2f} ms = {100 * ms / 1000 / base_time:.3f}% of a CFG step")
+        print(f"  {name}: {ms:.2f} ms = {math_percent[name]:.3f}% of a CFG step")
     save("guidance_speed", args, seconds=times, cpu_seconds=cpu_times, result=result, paired_ratio=ratios,
-         paired_cpu_ratio=cpu_ratios, math_ms=math_ms)
+         paired_cpu_ratio=cpu_ratios, math_ms=math_ms, math_percent_of_cfg_step=math_percent)
 
 
 def math_only(size, step_seconds, repeats=50):

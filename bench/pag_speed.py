@@ -11,8 +11,8 @@ Each run is one comfy.sample.sample call (Euler, cfg 5, "normal" schedule); s/st
 divided by --steps, so it includes the small per-run setup. An APPLY_MODEL wrapper counts the batch rows
 the UNet evaluates per run; rows beyond plain CFG's are the extra conditional passes.
 
-Run from the pack root:  python -m bench.pag_speed [--steps 4] [--repeats 3] [--size 256] [--threads N]
-Results also go to bench/output/pag_speed.json.
+Run from the pack root:  python -m bench.pag_speed [--steps 4] [--repeats 3] [--size 256] [--threads N] [--json PATH]
+The raw result goes to --json (default bench/output/pag_speed.json); README's figures are in docs/bench/.
 """
 from bench.timing import paired_ratio, round_robin, save, setup
 

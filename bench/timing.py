@@ -4,7 +4,9 @@ that a noisy machine slows all configurations alike and the printed ratios stay 
 import argparse
 import json
 import os
+import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -95,6 +97,8 @@ def setup(doc, default_steps, selectable=False):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--size", type=int, default=256, help="image size in pixels (latent is size / 8)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--json", default=None, help="write the raw result here (default: bench/output/NAME.json); "
+                                                     "README's figures come from the files in docs/bench/")
     if selectable:
         parser.add_argument("--only", default="", help="comma-separated configurations to time (default: all; "
                                                         "'cfg' is always timed, as the baseline)")
@@ -108,10 +112,25 @@ def setup(doc, default_steps, selectable=False):
 
 
 def save(name, args, **results):
-    """Write bench/output/<name>.json with the arguments, the thread count and the results."""
-    os.makedirs(OUTPUT, exist_ok=True)
-    with open(os.path.join(OUTPUT, f"{name}.json"), "w") as f:
-        json.dump({"args": vars(args), "threads": torch.get_num_threads(), **results}, f, indent=1)
+    """Write the result to ``--json`` (default bench/output/<name>.json): the command that made it, the arguments,
+    the machine, the ComfyUI and torch versions, the thread count, then the results."""
+    path = args.json or os.path.join(OUTPUT, f"{name}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    command = " ".join(["python", "-m", f"bench.{name}"] + sys.argv[1:])
+    machine = {"cpu": cpu_name(), "cores": os.cpu_count(),
+               "comfyui": comfy_host.host_version(), "torch": torch.__version__}
+    with open(path, "w") as f:
+        json.dump({"command": command, "args": vars(args), "machine": machine, "threads": torch.get_num_threads(),
+                   **results}, f, indent=1)
+    print(f"raw result: {path}")
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def select(models, only):

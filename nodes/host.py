@@ -293,6 +293,22 @@ def attach_model(model, key, other):
     model.set_additional_models(key, [other])
 
 
+def add_run_conditioning(model, key, conditioning):
+    """Have the sampler prepare one more conditioning (a CONDITIONING value) with its own prompts on every run:
+    areas, masks, the model's extra inputs and ControlNets, exactly as for the positive prompt. During the run
+    ``run_conditioning(guider, key)`` hands it out in the form ``predict_with`` takes."""
+    import comfy.sampler_helpers
+
+    def outer_sample(executor, *args, **kwargs):
+        executor.class_obj.conds[key] = comfy.sampler_helpers.convert_cond(conditioning)
+        return executor(*args, **kwargs)
+    model.add_wrapper_with_key(Wrappers.OUTER_SAMPLE, key, outer_sample)
+
+
+def run_conditioning(guider, key):
+    return guider.conds[key]
+
+
 def replace_uncond_with_guide(model, guide, scope, use_negative_prompt):
     """Two-model guidance: on the sampler's main evaluation, the unconditional slot is filled by ``guide``'s
     prediction (with the positive prompt for autoguidance, the negative one for NPO-style guidance), so CFG and

@@ -18,7 +18,8 @@ class TrainFreeTwoModelGuidance(ModelPatchNode):
                    "negative prompt in place of the main model's unconditional pass; in these two modes the guide's "
                    "pass replaces the unconditional pass, so the cost stays that of CFG. SINE (Zhang et al., CVPR "
                    "2023): while the timestep is above K the conditional branch is v * D(c) + (1 - v) * "
-                   "D_finetuned(c), one extra guide pass per such step. w is the sampler's cfg.")
+                   "D_finetuned(c_hat), where c_hat (sine_prompt) is the prompt the guide was fine-tuned with; one "
+                   "extra guide pass per such step. w is the sampler's cfg.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -40,13 +41,25 @@ class TrainFreeTwoModelGuidance(ModelPatchNode):
             "sine_until_timestep": ("INT", {"default": two_model.SINE_K, "min": 0, "max": 1000,
                                             "tooltip": "SINE only: K; the fine-tuned model takes part while the "
                                                        "timestep (0-1000) is above it (paper 400)."}),
+            "sine_prompt": ("CONDITIONING", {"tooltip": "SINE only, and required there: the fine-tuned model's own "
+                                                        "prompt c_hat, the source image's prompt with the rare token "
+                                                        "it was fine-tuned on (e.g. 'a photo of sks dog'). The main "
+                                                        "model keeps the sampler's positive prompt (the edit)."}),
         }}
 
-    def patch(self, model, guide_model, mode, sine_weight=two_model.SINE_V, sine_until_timestep=two_model.SINE_K):
+    def patch(self, model, guide_model, mode, sine_weight=two_model.SINE_V, sine_until_timestep=two_model.SINE_K,
+              sine_prompt=None):
         host.require_same_family(model, guide_model, "guide_model")
         if guide_model is model:
             raise ValueError("the guide model is the main model itself, which makes the guidance zero; connect a "
                              "weaker checkpoint or a negative model")
+        sine = mode == MODES[2]
+        if sine and sine_prompt is None:
+            raise ValueError("SINE needs the fine-tuned model's own prompt: connect to sine_prompt a CLIPTextEncode "
+                             "of the source image's prompt with the rare token the guide model was fine-tuned on")
+        if not sine and sine_prompt is not None:
+            raise ValueError(f"sine_prompt is only used in SINE mode, not in '{mode}': disconnect it or choose the "
+                             f"SINE mode")
         m = model.clone()
 
         def finish(run):
@@ -54,9 +67,11 @@ class TrainFreeTwoModelGuidance(ModelPatchNode):
             return {"guide_passes": run.guide_passes}
 
         scope = host.RunScope(m, host.new_key("two_model"),
-                              lambda *_: SimpleNamespace(main_pending=False, guide_passes=0), finish)
-        if mode == MODES[2]:
+                              lambda guider, *_: SimpleNamespace(main_pending=False, guide_passes=0, guider=guider),
+                              finish)
+        if sine:
             host.attach_model(m, scope.key, guide_model)
+            host.add_run_conditioning(m, scope.key, sine_prompt)
             host.add_post_cfg(m, self._sine(scope, guide_model, m, sine_weight, sine_until_timestep))
         else:
             host.replace_uncond_with_guide(m, guide_model, scope, use_negative_prompt=mode == MODES[1])
@@ -69,7 +84,8 @@ class TrainFreeTwoModelGuidance(ModelPatchNode):
             if run is None or args["uncond"] is None or not two_model.sine_active(
                     host.sigma_to_timestep(model, args["sigma"]), k):
                 return args["denoised"]
-            finetuned = host.predict_with(guide, args["cond"], args["input"], args["sigma"])
+            own_prompt = host.run_conditioning(run.guider, scope.key)
+            finetuned = host.predict_with(guide, own_prompt, args["input"], args["sigma"])
             run.guide_passes += 1
             cond, uncond, scale = args["cond_denoised"], args["uncond_denoised"], args["cond_scale"]
             sine = two_model.sine_guidance(cond, finetuned, uncond, scale, v)

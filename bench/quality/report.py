@@ -2,8 +2,10 @@
 
     python -m bench.quality.report            # about 10 minutes on a 2-core CPU
 
-Every number in docs/quality.md comes from this command (10 prompts x 8 seeds, 20 Euler steps, 128x128).
+Every number in docs/quality.md comes from this command (10 prompts x 8 seeds, 20 Euler steps, 128x128); its raw
+rows go to docs/bench/quality.json beside it.
 """
+import json
 import os
 
 from PIL import Image
@@ -53,6 +55,10 @@ def main():
     generated = (f"{START}\n### Baseline: plain CFG\n\n{table(rows[n] for n, _, _ in BASELINE)}\n"
                  f"### Techniques\n\n{table(rows[n] for n, _, _ in TECHNIQUES)}\n### Image grids (one row per "
                  f"prompt, 8 seeds)\n\n{grids}{END}")
+    os.makedirs(os.path.join(DOCS, "bench"), exist_ok=True)
+    with open(os.path.join(DOCS, "bench", "quality.json"), "w") as f:
+        json.dump({"command": "python -m bench.quality.report", "comfyui": comfy_host.host_version(),
+                   "rows": list(rows.values())}, f, indent=1)
     path = os.path.join(DOCS, "quality.md")
     text = open(path).read() if os.path.exists(path) else f"# Quality\n\n{START}{END}\n"
     with open(path, "w") as f:

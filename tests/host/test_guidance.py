@@ -10,6 +10,7 @@ from harness import tiny_models
 
 AUTO = "autoguidance (guide gets the prompt)"
 NEGATIVE = "negative model (guide gets the negative prompt)"
+SINE = "SINE (guide is a fine-tuned model mixed into the prompt branch)"
 
 
 def apg(m, eta=0.0, norm_threshold=15.0, momentum=-0.5):
@@ -33,8 +34,8 @@ def residual(m, mode="one-time negative", delta=1.0):
     return run_node("TrainFreeResidualCFG", model=m, mode=mode, delta=delta)[0]
 
 
-def two_model(m, guide, mode=AUTO):
-    return run_node("TrainFreeTwoModelGuidance", model=m, guide_model=guide, mode=mode)[0]
+def two_model(m, guide, mode=AUTO, **inputs):
+    return run_node("TrainFreeTwoModelGuidance", model=m, guide_model=guide, mode=mode, **inputs)[0]
 
 
 def pag(m):
@@ -151,13 +152,40 @@ def test_every_pair_composes_in_both_orders_and_each_member_acts(tiny, family):
 
 
 def test_sine_mixes_the_fine_tuned_model_in_early_steps_only(tiny, family):
-    sine = "SINE (guide is a fine-tuned model mixed into the prompt branch)"
-    same = two_model(tiny(family), tiny(family).clone(), sine)
-    close(sample(same, family, steps=6), sample(tiny(family), family, steps=6))  # identical guide: plain CFG
-    guided = two_model(tiny(family), tiny_models.make_model(family, seed=7), sine)
+    prompt = tiny_models.conditioning(family, tokens=8, seed=1)  # sample()'s positive prompt
+    same = two_model(tiny(family), tiny(family).clone(), SINE, sine_prompt=prompt)
+    close(sample(same, family, steps=6), sample(tiny(family), family, steps=6))  # identical guide and prompt: CFG
+    guided = two_model(tiny(family), tiny_models.make_model(family, seed=7), SINE,
+                       sine_prompt=tiny_models.conditioning(family, tokens=8, seed=5))
     out = sample(guided, family, steps=6)
     assert 0 < report(guided)[0]["guide_passes"] < 6, "only steps with timestep above K=400"
     assert (out - sample(tiny(family), family, steps=6)).abs().max() > 1e-3
+
+
+def test_sine_is_the_papers_equation_with_the_fine_tuned_model_on_its_own_prompt(tiny, family):
+    """One Euler step from sigma_max (timestep 1000 > K) to 0 returns the step's denoised prediction, so each
+    prediction the paper's equation needs comes from a plain one-step run at cfg 1: eps(z_t, c) and eps(z_t) from
+    the pretrained model, eps_hat(z_t, c_hat) from the fine-tuned one on its own prompt c_hat."""
+    fine = tiny_models.make_model(family, seed=7)
+    c, c_hat, negative = (tiny_models.conditioning(family, tokens=8, seed=s) for s in (1, 5, 2))
+
+    def one_step(model, positive, cfg=1.0):
+        return sample(model, family, steps=1, cfg=cfg, pos=positive, neg=negative)
+    eps_c, eps_u, eps_hat = one_step(tiny(family), c), one_step(tiny(family), negative), one_step(fine, c_hat)
+    for w, v in ((4.0, 0.7), (2.0, 0.0)):
+        expected = w * (v * eps_c + (1 - v) * eps_hat) + (1 - w) * eps_u  # techniques.md 18b, t > K
+        guided = two_model(tiny(family), fine, SINE, sine_weight=v, sine_prompt=c_hat)
+        close(one_step(guided, c, cfg=w), expected)
+        on_main_prompt = two_model(tiny(family), fine, SINE, sine_weight=v, sine_prompt=c)
+        assert (one_step(on_main_prompt, c, cfg=w) - expected).abs().max() > 1e-3  # c_hat is what the guide sees
+
+
+def test_sine_asks_for_the_fine_tuned_models_prompt_and_only_in_sine_mode(tiny):
+    fine = tiny_models.make_model("sd15", seed=7)
+    with pytest.raises(ValueError, match="SINE needs the fine-tuned model's own prompt: connect to sine_prompt"):
+        two_model(tiny("sd15"), fine, SINE)
+    with pytest.raises(ValueError, match="sine_prompt is only used in SINE mode.*disconnect it or choose"):
+        two_model(tiny("sd15"), fine, AUTO, sine_prompt=tiny_models.conditioning("sd15"))
 
 
 @pytest.mark.parametrize("patch", [interval, residual], ids=["interval", "residual"])

@@ -124,8 +124,9 @@ def test_two_model_guidance(wan, other):
 
 def test_sine(wan, other):
     plain = video(wan, steps=6)
-    close(video(two_model(wan, wan.clone(), SINE), steps=6), plain)
-    guided = two_model(wan, other, SINE)
+    prompt = tiny_models.conditioning(VIDEO, tokens=8, seed=1)  # sample()'s positive prompt
+    close(video(two_model(wan, wan.clone(), SINE, sine_prompt=prompt), steps=6), plain)
+    guided = two_model(wan, other, SINE, sine_prompt=tiny_models.conditioning(VIDEO, tokens=8, seed=5))
     assert_acts(video(guided, steps=6), plain)
     assert 0 < report(guided)[0]["guide_passes"] < 6
 

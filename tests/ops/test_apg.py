@@ -49,6 +49,36 @@ def test_hand_computed_projection():
     assert core.flatten().tolist() == apg.apg(cond, uncond, 4.0, eta=0.0).flatten().tolist() == [1.0, 12.0]
 
 
+def paper_algorithm_1(conds, unconds, w, eta, r, beta):
+    """Algorithm 1 of the paper written out on plain Python lists, one sampling step after another: the running
+    average, the norm clip, then the split of the update into its parts along and across D_c by explicit dot
+    products."""
+    average, outputs = None, []
+    for c, u in zip(conds, unconds):
+        delta = [ci - ui for ci, ui in zip(c, u)]
+        average = delta if average is None else [d + beta * m for d, m in zip(delta, average)]
+        length = math.sqrt(sum(m * m for m in average))
+        shrink = min(1.0, r / length)
+        update = [m * shrink for m in average]
+        along = sum(ui * ci for ui, ci in zip(update, c)) / sum(ci * ci for ci in c)
+        parallel = [along * ci for ci in c]
+        orthogonal = [ui - pi for ui, pi in zip(update, parallel)]
+        outputs.append([ci + (w - 1) * (oi + eta * pi) for ci, oi, pi in zip(c, orthogonal, parallel)])
+    return outputs
+
+
+@pytest.mark.parametrize("eta, r, beta", [(0.0, 15.0, -0.5), (0.0, 1.5, -0.5), (0.3, 2.0, -0.75), (1.0, 0.8, 0.0)])
+def test_three_steps_match_the_papers_algorithm_written_out(eta, r, beta):
+    g = torch.Generator().manual_seed(4)
+    conds = [torch.randn(6, generator=g, dtype=torch.float64) for _ in range(3)]
+    unconds = [c + torch.randn(6, generator=g, dtype=torch.float64) for c in conds]
+    expected = paper_algorithm_1([c.tolist() for c in conds], [u.tolist() for u in unconds], 7.5, eta, r, beta)
+    buffer = apg.MomentumBuffer(beta)
+    for c, u, want in zip(conds, unconds, expected):
+        out = apg.apg(c.view(1, 6, 1, 1), u.view(1, 6, 1, 1), 7.5, eta, r, buffer)
+        torch.testing.assert_close(out.flatten(), torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
 def test_momentum_is_a_reverse_running_average():
     buffer = apg.MomentumBuffer(-0.5)
     seen = [buffer.update(torch.tensor([v])).item() for v in (1.0, 2.0, 4.0)]
@@ -128,7 +158,3 @@ def test_parallel_component_of_a_zero_prediction_is_zero():
     par = apg.parallel_component(v, onto)
     assert torch.equal(par[0], torch.zeros_like(par[0]))
     torch.testing.assert_close(par[1], torch.full_like(v[1], v[1].double().mean().item()).double())
-
-
-def test_presets_hold_the_paper_sdxl_row():
-    assert apg.PRESETS["sdxl"] == {"eta": 0.0, "norm_threshold": 15.0, "momentum": -0.5}

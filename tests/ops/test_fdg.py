@@ -61,12 +61,67 @@ def test_a_checkerboard_difference_is_guided_by_w_high_only():
     torch.testing.assert_close(out, cond + 10.0 * checker, rtol=1e-10, atol=1e-10)
 
 
-def test_paper_default_is_one_detail_band_and_one_half_resolution_band():
-    assert fdg.DEFAULT_LEVELS == 2 and fdg.band_scales(5.0, 10.0) == [10.0, 5.0]
-    assert fdg.band_scales(5.0, 10.0, 4) == [10.0, 10.0, 10.0, 5.0]
-    bands = fdg.laplacian_pyramid(torch.zeros(1, 4, 16, 16), 2)
-    assert [b.shape[-1] for b in bands] == [16, 8]
-    assert fdg.PRESETS["sdxl"] == (5.0, 10.0)
+# A two-level Laplacian pyramid built by hand on nested lists, the way the paper's Algorithm 2 builds it with kornia:
+# blur with the 5-tap binomial filter (borders mirrored without repeating the edge), halve by averaging 2x2 blocks;
+# to go up, double by bilinear interpolation between pixel centres (edges held) and blur again.
+TAPS = [1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16]
+
+
+def _mirror(i, n):
+    return -i if i < 0 else 2 * (n - 1) - i if i >= n else i
+
+
+def blur(img):
+    h, w = len(img), len(img[0])
+    return [[sum(TAPS[a] * TAPS[b] * img[_mirror(y + a - 2, h)][_mirror(x + b - 2, w)]
+                 for a in range(5) for b in range(5)) for x in range(w)] for y in range(h)]
+
+
+def halve(img):
+    return [[(img[2 * y][2 * x] + img[2 * y + 1][2 * x] + img[2 * y][2 * x + 1] + img[2 * y + 1][2 * x + 1]) / 4
+             for x in range(len(img[0]) // 2)] for y in range(len(img) // 2)]
+
+
+def _double_line(line):
+    n = len(line)
+    return [0.75 * line[j // 2] + 0.25 * line[min(max(j // 2 + (1 if j % 2 else -1), 0), n - 1)]
+            for j in range(2 * n)]
+
+
+def double(img):
+    rows = [_double_line(row) for row in img]
+    columns = [_double_line([row[x] for row in rows]) for x in range(len(rows[0]))]
+    return blur([[columns[x][y] for x in range(len(columns))] for y in range(len(columns[0]))])
+
+
+def combine(a, b, fa=1.0, fb=1.0):
+    return [[fa * p + fb * q for p, q in zip(ra, rb)] for ra, rb in zip(a, b)]
+
+
+def dot(a, b):
+    return sum(p * q for ra, rb in zip(a, b) for p, q in zip(ra, rb))
+
+
+def paper_fdg(cond, uncond, w_low, w_high, eta_low, eta_high):
+    """FDG on one image channel: guide each band with its own scale (and parallel weight), then rebuild."""
+    low_c, low_u = halve(blur(cond)), halve(blur(uncond))
+    high_c, high_u = combine(cond, double(low_c), fb=-1.0), combine(uncond, double(low_u), fb=-1.0)
+    guided = []
+    for c, u, w, eta in ((high_c, high_u, w_high, eta_high), (low_c, low_u, w_low, eta_low)):
+        delta = combine(c, u, fb=-1.0)
+        along = dot(delta, c) / dot(c, c)
+        delta = combine(delta, c, fb=(eta - 1.0) * along)  # parallel part kept with weight eta
+        guided.append(combine(c, delta, fb=w - 1.0))
+    return combine(double(guided[1]), guided[0])
+
+
+@pytest.mark.parametrize("w_low, w_high, eta_low, eta_high", [(5.0, 10.0, 1.0, 1.0), (3.0, 12.0, 1.0, 1.0),
+                                                            (5.0, 15.0, 0.0, 0.0), (2.0, 7.0, 0.5, 0.2)])
+def test_default_fdg_matches_a_two_level_pyramid_built_by_hand(w_low, w_high, eta_low, eta_high):
+    cond, uncond = randn((1, 1, 4, 6), torch.float64, 5)
+    expected = paper_fdg(cond[0, 0].tolist(), uncond[0, 0].tolist(), w_low, w_high, eta_low, eta_high)
+    out = fdg.fdg(cond, uncond, w_low, w_high, eta_low=eta_low, eta_high=eta_high)
+    torch.testing.assert_close(out[0, 0], torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
 
 
 @settings(max_examples=20, deadline=None)

@@ -56,6 +56,14 @@ def test_flow_sigma_conversion_round_trips(t):
     assert interval.edm_sigma(t * 10, flow=False) == interval.comfy_sigma(t * 10, flow=False) == t * 10
 
 
-def test_presets_are_the_paper_values():
-    assert interval.PRESETS["sdxl"] == (16.0, 0.28, 5.42)
-    assert interval.PRESETS["edm2-s"] == (2.1, 0.28, 2.90)
+def edm_schedule(steps, sigma_min, sigma_max, rho=7.0):
+    """The EDM sampler's noise levels (Karras et al. 2022, eq. 5) and the final 0."""
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return [(hi + i / (steps - 1) * (lo - hi)) ** rho for i in range(steps)] + [0.0]
+
+
+def test_the_papers_intervals_guide_the_share_of_steps_the_paper_reports():
+    # EDM2-XXL, 32 Heun steps from sigma 80 to 0.002: "guidance on 6 of 32 steps" with sigma in (0.19, 1.61]
+    assert interval.unguided_steps(edm_schedule(32, 0.002, 80.0), 0.19, 1.61) == 32 - 6
+    # SD-XL, 32 Heun steps from its sigma_max 14.61 (sigma_min 0.0292): (0.28, 5.42] is about half of the steps
+    assert interval.unguided_steps(edm_schedule(32, 0.0292, 14.61), 0.28, 5.42) == 32 - 16

@@ -126,4 +126,3 @@ def test_per_row_sigma_and_dtypes():
         expected = rcfg.virtual_uncond(x[row:row + 1], sigma[row].item(), anchor[row:row + 1], 0.5, flow=True)
         torch.testing.assert_close(out[row:row + 1], expected)
     assert rcfg.residual_cfg(cond.bfloat16(), x, sigma, 1.2, anchor, 0.5, True).dtype == torch.bfloat16
-    assert (rcfg.GAMMA, rcfg.DELTA) == (1.2, 1.0)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -19,40 +20,60 @@ def test_a_guide_giving_the_uncond_prediction_is_cfg(shape, dtype, scale, seed):
     g = torch.Generator().manual_seed(seed)
     main, guide = (torch.randn(shape, generator=g).to(dtype) for _ in range(2))
     out = two_model.two_model_guidance(main, guide, scale)
-    assert out.dtype == dtype and torch.equal(out, guide + (main - guide) * scale)
+    assert out.dtype == dtype and torch.equal(out, guide + (main - guide) * scale)  # ComfyUI's cfg_function
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
     torch.testing.assert_close(two_model.two_model_guidance(main, guide, 1.0), main, rtol=tol, atol=tol)
     assert torch.equal(two_model.two_model_guidance(main, guide, 0.0), guide)
 
 
-def test_autoguidance_hand_example_and_presets():
-    # D_0 = 1, D_1 = 2, w = 2.1: 1 + 2.1 * (2 - 1)
-    out = two_model.two_model_guidance(torch.tensor([2.0]), torch.tensor([1.0]), 2.1)
-    assert out.item() == torch.tensor(1.0 + 2.1).item()
-    assert two_model.AUTOGUIDANCE_SCALE["edm2-s/xs"] == 2.10 and two_model.AUTOGUIDANCE_SCALE["edm2-xxl/m"] == 2.05
+def test_autoguidance_is_the_papers_weighted_sum():
+    # Karras et al. 2024 write guidance as the weighted sum D_w = w D_1 + (1 - w) D_0 (main model D_1, guide D_0)
+    main, guide = [0.5, -1.0, 0.25], [1.5, 2.0, 0.25]
+    expected = [2.1 * d1 + (1 - 2.1) * d0 for d1, d0 in zip(main, guide)]  # [-0.6, -4.3, 0.25]
+    out = two_model.two_model_guidance(torch.tensor(main, dtype=torch.float64),
+                                       torch.tensor(guide, dtype=torch.float64), 2.1)
+    torch.testing.assert_close(out, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    assert abs(expected[0] + 0.6) < 1e-12 and abs(expected[1] + 4.3) < 1e-12
+
+
+def paper_sine(eps_c, eps_hat, eps_u, w, v):
+    """SINE's model-based guidance for t > K (Zhang et al. 2023; techniques.md 18b), element by element:
+    eps = w [v eps(z_t, c) + (1 - v) eps_hat(z_t, c_hat)] + (1 - w) eps(z_t)."""
+    return [w * (v * c + (1 - v) * f) + (1 - w) * u for c, f, u in zip(eps_c, eps_hat, eps_u)]
+
+
+@pytest.mark.parametrize("w, v", [(3.0, 0.7), (7.5, 0.7), (5.0, 0.0), (5.0, 1.0), (1.0, 0.3), (0.0, 0.5)])
+def test_sine_is_the_papers_equation(w, v):
+    g = torch.Generator().manual_seed(3)
+    cond, fine, uncond = (torch.randn(5, generator=g, dtype=torch.float64) for _ in range(3))
+    expected = torch.tensor(paper_sine(cond.tolist(), fine.tolist(), uncond.tolist(), w, v), dtype=torch.float64)
+    torch.testing.assert_close(two_model.sine_guidance(cond, fine, uncond, w, v), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_sine_hand_example():
+    # w = 3, v = 0.7, eps(c) = 1, eps_hat(c_hat) = 2, eps() = 0.5: 3 * (0.7 + 0.6) - 2 * 0.5 = 2.9
+    out = two_model.sine_guidance(torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([0.5]), 3.0, 0.7)
+    assert abs(out.item() - 2.9) < 1e-6
+    # v is the pretrained model's share: at v = 1 the fine-tuned model drops out (CFG), at v = 0 it alone guides
+    assert abs(two_model.sine_guidance(torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([0.5]), 3.0, 1.0)
+               .item() - (3 * 1.0 - 2 * 0.5)) < 1e-6
+    assert abs(two_model.sine_guidance(torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([0.5]), 3.0, 0.0)
+               .item() - (3 * 2.0 - 2 * 0.5)) < 1e-6
 
 
 @settings(max_examples=30, deadline=None)
-@given(shape=latent_shapes(), dtype=DTYPES, scale=st.floats(0, 10), v=st.floats(0, 1), seed=st.integers(0, 2**16))
-def test_sine_reduces_to_cfg_and_mixes_the_finetuned_model(shape, dtype, scale, v, seed):
+@given(shape=latent_shapes(), dtype=DTYPES, scale=st.floats(0, 10), seed=st.integers(0, 2**16))
+def test_sine_with_v_one_is_cfg_bit_for_bit(shape, dtype, scale, seed):
     g = torch.Generator().manual_seed(seed)
     cond, fine, uncond = (torch.randn(shape, generator=g).to(dtype) for _ in range(3))
-    cfg = uncond + (cond - uncond) * scale
-    assert torch.equal(two_model.sine_guidance(cond, fine, uncond, scale, v=1.0), cfg)
-    out = two_model.sine_guidance(cond, fine, uncond, scale, v=v)
-    assert out.dtype == dtype
-    c, f, u = cond.double(), fine.double(), uncond.double()
-    expected = scale * (v * c + (1 - v) * f) + (1 - scale) * u  # the paper's form
-    tol = 5e-2 if dtype == torch.bfloat16 else 1e-5
-    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol * (1 + scale))
+    out = two_model.sine_guidance(cond, fine, uncond, scale, v=1.0)
+    assert out.dtype == dtype and torch.equal(out, uncond + (cond - uncond) * scale)  # ComfyUI's cfg_function
 
 
-def test_sine_hand_example_and_window():
-    # w = 3, v = 0.7: 3 * (0.7 * 1 + 0.3 * 2) + (1 - 3) * 0.5 = 3.9 - 1.0
-    out = two_model.sine_guidance(torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([0.5]), 3.0)
-    assert abs(out.item() - 2.9) < 1e-6
-    assert two_model.sine_active(401) and not two_model.sine_active(400)
-    assert (two_model.SINE_K, two_model.SINE_V) == (400, 0.7)
+def test_sine_runs_while_the_timestep_is_above_k():
+    # "for t > K" model-based guidance, plain CFG for t <= K
+    assert two_model.sine_active(401.0, 400) and not two_model.sine_active(400.0, 400)
+    assert not two_model.sine_active(0.0, 0) and two_model.sine_active(999.0, 998)
 
 
 @settings(max_examples=20, deadline=None)

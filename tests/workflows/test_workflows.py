@@ -1,19 +1,95 @@
 """Every example workflow runs through ComfyUI's real execution engine on tiny models of its own family (the server
-tests run each on the reference model)."""
+tests run each on the reference model), and its technique acts: the sampled latent differs from the same workflow
+with the pack's node bypassed, and equals it exactly where the node has a neutral setting."""
 import json
 import os
 
 import pytest
+import torch
 
-from harness import run_workflows
+from harness import comfy_host, run_workflows
 from harness.workflow_api import WorkflowError, ui_to_api
 
 PATHS = run_workflows.workflow_paths()
 
 
+# Settings that make a node a no-op, so that the workflow must give the bypassed workflow's latent bit for bit.
+NEUTRAL = {"TrainFreePAG": {"scale": 0.0},
+           "TrainFreeAPG": {"eta": 1.0, "norm_threshold": 0.0, "momentum": 0.0},
+           "TrainFreeGuidanceInterval": {"sigma_low": 0.0, "sigma_high": 1000.0},
+           "TrainFreeNoiseDampedCFG": {"damped_percent": 0.0}}
+_latents = {}
+
+
+class _CollectLatent:
+    """Test-only output node: keeps the sampler's latent for the test."""
+    CATEGORY = "harness"
+    FUNCTION = "collect"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ()
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "key": ("STRING", {"default": ""})}}
+
+    def collect(self, samples, key):
+        _latents[key] = samples["samples"].detach().clone()
+        return {"ui": {}}
+
+
 @pytest.fixture(scope="module")
 def engine():
     run_workflows.boot()
+    import nodes
+    nodes.NODE_CLASS_MAPPINGS["HarnessCollectLatent"] = _CollectLatent
+
+
+def patch_nodes(prompt):
+    """Ids of the pack's MODEL -> MODEL nodes in an API prompt."""
+    import nodes
+    return [key for key, node in prompt.items() if node["class_type"].startswith("TrainFree")
+            and nodes.NODE_CLASS_MAPPINGS[node["class_type"]].RETURN_TYPES == ("MODEL",)]
+
+
+def bypassed(prompt, node_ids):
+    """The prompt with those nodes taken out, their consumers wired to the model each node received."""
+    prompt = json.loads(json.dumps(prompt))
+    for key in node_ids:
+        source = prompt.pop(key)["inputs"]["model"]
+        for node in prompt.values():
+            for name, value in node["inputs"].items():
+                if value == [key, 0]:
+                    node["inputs"][name] = source
+    return prompt
+
+
+def second_models_made_distinct(prompt, node_ids):
+    """A second model that a workflow loads from the same file as the first (noise-damped CFG's weak model is the
+    same checkpoint, modified by the user) would make the technique a no-op on the tiny stand-ins: give its
+    stand-in other weights."""
+    prompt = json.loads(json.dumps(prompt))
+    for key in node_ids:
+        for name, value in prompt[key]["inputs"].items():
+            loader = prompt[value[0]] if isinstance(value, list) and name != "model" else None
+            if loader is not None and loader["class_type"] in run_workflows.HARNESS_NODES:
+                loader["inputs"]["variant"] += " (second model)"
+    return prompt
+
+
+def sampled(prompt, out_dir=None):
+    """Execute the prompt; the latents of its samplers, in node order. Without ``out_dir`` no image is decoded."""
+    import folder_paths
+    prompt = json.loads(json.dumps(prompt))
+    if out_dir is None:
+        prompt = {k: v for k, v in prompt.items() if v["class_type"] not in ("SaveImage", "PreviewImage")}
+    else:
+        folder_paths.set_output_directory(out_dir)
+    samplers = sorted(k for k, v in prompt.items() if v["class_type"] in run_workflows.SAMPLER_NODES)
+    for key in samplers:
+        prompt[f"collect{key}"] = {"class_type": "HarnessCollectLatent", "inputs": {"samples": [key, 0], "key": key}}
+    _latents.clear()
+    outputs = comfy_host.execute_prompt(prompt)
+    return torch.cat([_latents[k] for k in samplers]), outputs
 
 
 def test_there_is_a_workflow_for_every_node_and_family_the_issues_name(engine):
@@ -42,6 +118,20 @@ def test_unknown_node_types_are_named(engine):
 
 
 @pytest.mark.parametrize("path", PATHS, ids=os.path.basename)
-def test_workflow_runs_and_writes_an_image(engine, path, tmp_path):
-    images, _ = run_workflows.run(path, str(tmp_path), on="tiny")
+def test_workflow_runs_and_its_technique_acts(engine, path, tmp_path):
+    prompt = run_workflows.to_test_prompt(path)
+    patches = patch_nodes(prompt)
+    assert patches, "the workflow has no node of the pack"
+    prompt = second_models_made_distinct(prompt, patches)
+    latent, outputs = sampled(prompt, str(tmp_path))
+    images = [image["filename"] for ui in outputs.values() for image in ui.get("images", [])]
     assert images and all(os.path.getsize(tmp_path / name) > 0 for name in images)
+    assert torch.isfinite(latent).all()
+    plain, _ = sampled(bypassed(prompt, patches))
+    assert (latent - plain).abs().max() > 1e-3, "bypassing the pack's node leaves the result unchanged"
+    kinds = {prompt[key]["class_type"] for key in patches}
+    if kinds <= set(NEUTRAL):
+        for key in patches:
+            prompt[key]["inputs"].update(NEUTRAL[prompt[key]["class_type"]])
+        neutral, _ = sampled(prompt)
+        assert torch.equal(neutral, plain), "the neutral setting changes the result"
