@@ -35,7 +35,15 @@ def residual(m, mode="one-time negative", delta=1.0):
 
 
 def two_model(m, guide, mode=AUTO, **inputs):
+    if mode == SINE and "sine_prompt" not in inputs:  # the fine-tuned model's own prompt, c_hat
+        family = {"wan": tiny_models.VIDEO_FAMILY}.get(_host().model_family(m), _host().model_family(m))
+        inputs["sine_prompt"] = tiny_models.conditioning(family, tokens=8, seed=5)
     return run_node("TrainFreeTwoModelGuidance", model=m, guide_model=guide, mode=mode, **inputs)[0]
+
+
+def _host():
+    from harness import comfy_host
+    return comfy_host.pack_module("nodes.host")
 
 
 def pag(m):

@@ -174,7 +174,7 @@ def test_two_model_guidance(models, plain, case):
     check(Run(two_model(model, model.clone(), AUTO), family), plain(family, dtype, cfg=1.0), dtype, acts=False)
     # at cfg 1 the negative model is not asked, and SINE with weight v = 1 keeps the main model's prediction
     check(Run(two_model(model, guide, NEGATIVE), family, cfg=1.0), plain(family, dtype, cfg=1.0), dtype, acts=False)
-    sine = run_node("TrainFreeTwoModelGuidance", model=model, guide_model=guide, mode=SINE, sine_weight=1.0)[0]
+    sine = two_model(model, guide, SINE, sine_weight=1.0)
     check(Run(sine, family), reference, dtype, acts=False)
 
 
