@@ -191,7 +191,7 @@ def test_sine_is_the_papers_equation_with_the_fine_tuned_model_on_its_own_prompt
 def test_sine_asks_for_the_fine_tuned_models_prompt_and_only_in_sine_mode(tiny):
     fine = tiny_models.make_model("sd15", seed=7)
     with pytest.raises(ValueError, match="SINE needs the fine-tuned model's own prompt: connect to sine_prompt"):
-        two_model(tiny("sd15"), fine, SINE)
+        run_node("TrainFreeTwoModelGuidance", model=tiny("sd15"), guide_model=fine, mode=SINE)
     with pytest.raises(ValueError, match="sine_prompt is only used in SINE mode.*disconnect it or choose"):
         two_model(tiny("sd15"), fine, AUTO, sine_prompt=tiny_models.conditioning("sd15"))
 
