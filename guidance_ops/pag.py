@@ -17,6 +17,18 @@ def identity_attention(v):
     return v
 
 
+def keep_text_mask(text, dtype=torch.float32, device=None):
+    """PSA on joint text + image attention as diffusers' PAGJointAttnProcessor2_0 does it: an additive mask over
+    a sequence of ``length`` tokens whose text tokens are ``start:stop`` (``text`` = (start, stop, length)).
+    Only the image-to-image block of the attention map becomes the identity: each image token attends to itself
+    and to every text token, and text tokens attend to everything."""
+    start, stop, length = text
+    image = torch.ones(length, dtype=torch.bool, device=device)
+    image[start:stop] = False
+    blocked = image[:, None] & image[None, :] & ~torch.eye(length, dtype=torch.bool, device=device)
+    return torch.zeros(length, length, dtype=dtype, device=device).masked_fill(blocked, float("-inf"))
+
+
 def adaptive_scale(scale, adaptive, timestep):
     """diffusers' optional damping ``s_t = max(0, s - a * (1000 - t))`` for a discrete timestep ``t`` in [0, 1000].
 
@@ -32,7 +44,9 @@ def pag_guidance(denoised, cond_denoised, perturbed_denoised, scale):
 
 def rescale_to_reference(guided, reference, phi):
     """Guidance rescale (Lin et al. 2024, eq. 15-16): match the per-sample std of ``guided`` to ``reference``
-    and blend with weight ``phi`` (0 = off), which counters the over-exposure large guidance causes."""
+    and blend with weight ``phi`` (0 = off), which counters the over-exposure large guidance causes. Both are
+    noise predictions (the model's own output space, as in the paper and diffusers); the std is not invariant
+    under the move to denoised space, so the caller converts first."""
     if phi == 0:
         return guided
     dims = tuple(range(1, guided.ndim))
