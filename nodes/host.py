@@ -533,32 +533,30 @@ def _perturbed_attention_override(previous):
         marks = to.get(_PERTURBED, ())
         if not marks:
             return call(func, *args, **kwargs)
-        q = args[0]
-        cou = to["cond_or_uncond"]
+        q, cou = args[0], to["cond_or_uncond"]
         tokens = q.shape[2] if kwargs.get("skip_reshape", False) else q.shape[1]
-        whole, masked = set(), {}
+        groups = {}  # where the text sits in this call (None: identity attention) -> chunks
         for mark in marks:
-            text = _text_in_call(mark, tokens)
-            if text is None:
-                whole.add(mark.chunk)
-            else:
-                masked.setdefault(text, set()).add(mark.chunk)
-        perturbed = whole | set().union(*masked.values())
-        hit = rows.chunk_rows(cou, q.shape[0], perturbed, device=q.device)
-        if not hit.any():
+            groups.setdefault(_text_in_call(mark, tokens), set()).add(mark.chunk)
+        perturbed = set().union(*groups.values())
+        rest = ~rows.chunk_rows(cou, q.shape[0], perturbed, device=q.device)
+        if rest.all():  # ComfyUI split the batch and the perturbed rows are in another call
             return call(func, *args, **kwargs)
         for mark in marks:
             _count_hit(mark.scope, mark.layer)
-        parts = [(rows.chunk_rows(cou, q.shape[0], whole, device=q.device),
-                  lambda sel: _attention_output_layout(args[2][sel], _heads(args, kwargs), kwargs))]
-        for text, chunks in masked.items():
-            parts.append((rows.chunk_rows(cou, q.shape[0], chunks, device=q.device),
-                          lambda sel, text=text, chunks=chunks: call(
-                              func, *_rows_of(args, sel), **_masked_kwargs(kwargs, sel, cou, chunks, text, q))))
-        rest = ~hit
+        parts = []
+        for text, chunks in groups.items():
+            sel = rows.chunk_rows(cou, q.shape[0], chunks, device=q.device)
+            if not sel.any():
+                continue
+            if text is None:
+                parts.append((sel, _attention_output_layout(args[2][sel], _heads(args, kwargs), kwargs)))
+            else:
+                masked = _rows_kwargs(kwargs, sel, [c for c in cou if c in chunks], keep_text=text, dtype=q.dtype)
+                parts.append((sel, call(func, *_rows_of(args, sel), **masked)))
         if rest.any():
-            parts.append((rest, lambda sel: call(func, *_rows_of(args, sel),
-                                                 **_rows_kwargs(kwargs, sel, rows.without_chunks(cou, perturbed)))))
+            parts.append((rest, call(func, *_rows_of(args, rest),
+                                     **_rows_kwargs(kwargs, rest, rows.without_chunks(cou, perturbed)))))
         return _merge_parts(parts)
 
     override.trainfree_identity = True
@@ -589,35 +587,30 @@ def _rows_of(args, sel):
     return tuple(a[sel] for a in args[:3]) + tuple(args[3:])
 
 
-def _rows_kwargs(kwargs, sel, cond_or_uncond):
+def _rows_kwargs(kwargs, sel, cond_or_uncond, keep_text=None, dtype=None):
+    """The attention call's keyword arguments for the rows ``sel``; with ``keep_text`` (where the text sits),
+    PAG's mask is added to any mask the model passes."""
     out = dict(kwargs)
     out["transformer_options"] = {**kwargs["transformer_options"], "cond_or_uncond": cond_or_uncond,
                                   _PERTURBED: ()}
     mask = kwargs.get("mask")
     if mask is not None and mask.ndim >= 3 and mask.shape[0] == sel.shape[0]:
-        out["mask"] = mask[sel]
-    return out
-
-
-def _masked_kwargs(kwargs, sel, cond_or_uncond, chunks, text, q):
-    out = _rows_kwargs(kwargs, sel, [c for c in cond_or_uncond if c in chunks])
-    keep_text = pag_ops.keep_text_mask(text, dtype=q.dtype, device=q.device)
-    mask = out.get("mask")
-    if mask is not None and mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
-    out["mask"] = keep_text if mask is None else mask + keep_text
+        mask = mask[sel]
+    if keep_text is not None:
+        ours = pag_ops.keep_text_mask(keep_text, dtype=dtype, device=sel.device)
+        if mask is not None and mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+        mask = ours if mask is None else mask.to(dtype) + ours
+    if mask is not None:
+        out["mask"] = mask
     return out
 
 
 def _merge_parts(parts):
-    """Put each part's output back at its rows (dim 0); parts with no rows are not run."""
-    out = None
-    for sel, run in parts:
-        if not sel.any():
-            continue
-        value = run(sel)
-        if out is None:
-            out = value.new_empty((sel.shape[0],) + tuple(value.shape[1:]))
+    """Put each part's output back at its rows (dim 0)."""
+    first = parts[0][1]
+    out = first.new_empty((parts[0][0].shape[0],) + tuple(first.shape[1:]))
+    for sel, value in parts:
         out[sel] = value.to(out.dtype)
     return out
 

@@ -7,7 +7,7 @@ prediction of our perturbed pass, which must equal the perturbed half of diffuse
 import pytest
 import torch
 
-from conftest import run_node
+from conftest import run_node, sample
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (requirements-test.txt) is not installed")
 
@@ -141,3 +141,106 @@ def test_guidance_rescale_matches_diffusers_rescale_noise_cfg_in_velocity_space(
     got = velocity(x, rescaled["denoised"], SIGMA)
     assert (expected - guided).abs().max() > 1e-3 * guided.abs().max()
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+# ---------------------------------------------------------------- guidance rescale and adaptive scale
+
+def noise_prediction(kind, x, denoised, sigma):
+    """The network's output that gives ``denoised`` at ``x``, from the standard definitions (ComfyUI's x is
+    x0 + sigma eps for the SD models, (1 - sigma) x0 + sigma eps for flow models)."""
+    sigma = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+    eps = (x - denoised) / sigma
+    if kind == "eps":
+        return eps
+    if kind == "v":  # Salimans & Ho: v = alpha_t eps - sigma_t x0 with alpha_t = 1 / sqrt(1 + sigma^2)
+        alpha = 1.0 / (1.0 + sigma ** 2) ** 0.5
+        return alpha * eps - sigma * alpha * denoised
+    return (x - denoised) / sigma  # flow: v = eps - x0
+
+
+class Evaluations:
+    """A post-CFG function added after the patches: keeps every evaluation's input and predictions and,
+    with ``undo``, returns plain CFG's result, so that runs with different PAG settings walk the same path."""
+
+    def __init__(self, model, undo=False):
+        model.set_model_sampler_post_cfg_function(self)
+        self.steps, self.undo = [], undo
+
+    def __call__(self, args):
+        cond, uncond = args["cond_denoised"], args["uncond_denoised"]
+        cfg = uncond + (cond - uncond) * args["cond_scale"]
+        self.steps.append({"input": args["input"], "sigma": args["sigma"], "cond": cond, "cfg": cfg,
+                           "denoised": args["denoised"]})
+        return cfg if self.undo else args["denoised"]
+
+
+def pag_node(model, **kw):
+    inputs = {"scale": 3.0, "layers": "auto", "start_percent": 0.0, "end_percent": 1.0, **kw}
+    return run_node("TrainFreePAG", model=model, **inputs)[0]
+
+
+def with_sampling(tiny, case):
+    family, kind = {"sd15-eps": ("sd15", "eps"), "sd15-v": ("sd15", "v"), "flux": ("flux", "flow")}[case]
+    model = tiny(family)
+    if kind == "v":
+        model = run_node("ModelSamplingDiscrete", model=model, sampling="v_prediction", zsnr=False)[0]
+    return family, kind, model
+
+
+@pytest.mark.parametrize("case", ["sd15-eps", "sd15-v", "flux"])
+def test_guidance_rescale_works_on_the_noise_prediction_like_diffusers(tiny, case):
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+    family, kind, model = with_sampling(tiny, case)
+    plain_model = pag_node(model)
+    plain = Evaluations(plain_model)
+    sample(plain_model, family, steps=2)
+    rescaled_model = pag_node(model, rescale=0.7)
+    rescaled = Evaluations(rescaled_model)
+    sample(rescaled_model, family, steps=2)
+    first, got = plain.steps[0], rescaled.steps[0]["denoised"]
+    x, sigma = first["input"], first["sigma"]
+
+    def pred(d):
+        return noise_prediction(kind, x, d, sigma)
+    expected = rescale_noise_cfg(pred(first["denoised"]), pred(first["cond"]), guidance_rescale=0.7)
+    tolerance = 1e-5 * expected.abs().max().item()
+    torch.testing.assert_close(pred(got), expected, rtol=0, atol=tolerance)
+    # Rescaling the denoised prediction instead (this pack's earlier way) gives another result.
+    in_x0_space = rescale_noise_cfg(first["denoised"], first["cond"], guidance_rescale=0.7)
+    assert (pred(in_x0_space) - expected).abs().max() > 100 * tolerance
+
+
+def diffusers_pag_scale(scale, adaptive, timestep):
+    from diffusers.pipelines.pag.pag_utils import PAGMixin
+
+    class Pipeline(PAGMixin):
+        pass
+    pipe = Pipeline()
+    pipe._pag_scale, pipe._pag_adaptive_scale, pipe.pag_applied_layers = scale, adaptive, ["mid"]
+    return pipe._get_pag_scale(timestep)
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_adaptive_scale_follows_diffusers_schedule_through_the_sampler(tiny, family):
+    import comfy.model_sampling
+    scale, adaptive, steps = 3.0, 0.004, 8
+    runs = {}
+    for name, a in (("constant", 0.0), ("adaptive", adaptive)):
+        patched = pag_node(tiny(family), scale=scale, adaptive_scale=a)
+        runs[name] = Evaluations(patched, undo=True)
+        sample(patched, family, steps=steps)
+    sampling = tiny(family).get_model_object("model_sampling")
+    flow = isinstance(sampling, comfy.model_sampling.CONST)
+    ratios, expected = [], []
+    for constant, damped in zip(runs["constant"].steps, runs["adaptive"].steps):
+        # The same path (to float rounding: steps where the damped scale is 0 run no extra row, a smaller batch).
+        torch.testing.assert_close(damped["cfg"], constant["cfg"], rtol=0, atol=1e-5 * constant["cfg"].abs().max())
+        term, damped_term = constant["denoised"] - constant["cfg"], damped["denoised"] - damped["cfg"]
+        ratios.append(float((damped_term * term).sum() / (term * term).sum()))
+        sigma = constant["sigma"]
+        # diffusers' timestep: the discrete step for SD, t * 1000 for flow models (sigma is t there)
+        t = float(sigma[0]) * 1000.0 if flow else float(sampling.timestep(sigma)[0])
+        expected.append(diffusers_pag_scale(scale, adaptive, t) / scale)
+    assert ratios == pytest.approx(expected, abs=1e-4)
+    assert ratios[0] > 0.9 and ratios[-1] == 0.0, "guidance is damped as t falls, down to none"
+    assert all(a >= b for a, b in zip(ratios, ratios[1:]))
