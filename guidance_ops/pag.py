@@ -2,12 +2,15 @@
 
 Perturbed self-attention (PSA) replaces the attention map of the chosen self-attention layers by the identity,
 so each token attends only to itself and the layer returns its value projection (the output projection still
-runs afterwards). Guidance then pushes away from the prediction made with PSA (paper eq. 11, in the form used
-together with CFG by diffusers and ComfyUI):
+runs afterwards). On the joint text + image attention of SD3 / Flux, diffusers makes only the image-to-image
+block of the map the identity (``keep_text_mask``), so the perturbed layer still reads the prompt. Guidance
+then pushes away from the prediction made with PSA (paper eq. 11, in the form used together with CFG by
+diffusers and ComfyUI):
 
     D = D_cfg + s_t * (D_c - D_perturbed)
 
-The combination is linear, so it is the same in x0, eps or v space.
+The combination is linear, so it is the same in x0, eps or v space; guidance rescale is not, and works on the
+noise prediction as in the paper that introduced it.
 """
 import torch
 

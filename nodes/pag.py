@@ -59,13 +59,15 @@ class TrainFreePAG(ModelPatchNode):
         }, "optional": {
             "adaptive_scale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.0001,
                                          "tooltip": "diffusers' damping: the scale falls by this much per unit "
-                                                    "of timestep below 1000, s_t = max(0, s - a(1000 - t)). "
+                                                    "of timestep below 1000, s_t = max(0, s - a(1000 - t)) (t: the "
+                                                    "discrete timestep on SD, sigma x 1000 on SD3 / Flux). "
                                                     "0 = constant scale (paper)."}),
             "rescale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                   "tooltip": "Guidance rescale phi (Lin et al., as diffusers' guidance_rescale): "
                                              "pull the std of the guided noise prediction (eps, v or flow "
                                              "velocity, the model's own output) back towards the conditional "
-                                             "one's, against over-exposure. 0 = off (paper)."}),
+                                             "one's, against over-exposure. Acts on the whole guided result "
+                                             "(CFG + PAG); unlike diffusers also at cfg 1. 0 = off (paper)."}),
             "dit_mode": (list(DIT_MODES), {
                 "default": KEEP_TEXT,
                 "tooltip": "SD3 / Flux only, where self-attention is joint over text and image tokens. "

@@ -173,3 +173,23 @@ def test_flux_single_block_text_length_reaches_the_mask_on_a_latent_of_another_s
     image = p[..., 2 * TEXT:, 2 * TEXT:]
     assert (image[..., ~torch.eye(144, dtype=torch.bool)] == 0).all() and (p[..., 2 * TEXT:, :2 * TEXT] > 0).all()
 
+
+
+def test_sd35_image_only_attention_of_a_perturbed_block_gets_the_identity(pack):
+    # SD3.5's dual-attention blocks run a second attention over the image tokens alone: it holds no text, so
+    # the perturbed rows get the identity there (no call), and the masked joint call as elsewhere.
+    import comfy.model_patcher
+    from harness import tiny_models
+    cls, unet = tiny_models._config("sd3")
+    config = cls(dict(unet, x_block_self_attn_layers=[1]))
+    config.set_inference_dtype(torch.float32, None)
+    net = config.get_model({}, device=torch.device("cpu"))
+    tiny_models.init_fan_in(net.diffusion_model, 0)
+    cpu = torch.device("cpu")
+    model = comfy.model_patcher.ModelPatcher(net, load_device=cpu, offload_device=cpu)
+    recorder = ProbabilityRecorder(model)
+    sample(pag(model, layers="double.1"), "sd3", steps=1)
+    calls = [(sorted(cou), p) for _, cou, p in recorder.calls]
+    assert [c for c, _ in calls] == [[0, 1, 2], [2], [0, 1], [0, 1]]
+    assert_image_attends_to_itself_and_text_only(calls[1][1])
+    assert calls[3][1].shape[-1] == IMAGE
