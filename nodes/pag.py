@@ -12,6 +12,10 @@ log = logging.getLogger("trainfree")
 # Paper / reference-code defaults (techniques.md §1): SD1.5 and SDXL perturb the middle block (all of its
 # transformers); diffusers' SD3 PAG pipeline perturbs transformer block 1, which we also use for Flux.
 DEFAULT_LAYERS = {"sd15": "middle.0", "sdxl": "middle.0", "unet": "middle.0", "sd3": "double.1", "flux": "double.1"}
+# How a DiT's joint text + image attention is perturbed: diffusers' PAGJointAttnProcessor2_0 (the default) or
+# this pack's earlier identity over the whole sequence.
+KEEP_TEXT, WHOLE_SEQUENCE = "image-only (diffusers)", "whole sequence"
+DIT_MODES = (KEEP_TEXT, WHOLE_SEQUENCE)
 
 
 @dataclass
@@ -19,6 +23,7 @@ class PAGRun:
     sigma_start: float
     sigma_end: float
     timestep_of: object
+    sampling: object
     evaluations: int = 0
     extra_passes: int = 0
     skipped: int = 0
@@ -29,8 +34,9 @@ class PAGRun:
 
 class TrainFreePAG(ModelPatchNode):
     DESCRIPTION = ("Perturbed-Attention Guidance (Ahn et al. 2024): guides away from a prediction whose chosen "
-                   "self-attention maps are replaced by the identity. One extra conditional pass per guided step, "
-                   "batched with CFG's own passes. Works with CFG, with core patches and with itself.")
+                   "self-attention maps are replaced by the identity (on SD3 / Flux, by default only the "
+                   "image-to-image part of the joint attention, as diffusers does). One extra conditional pass per "
+                   "guided step, batched with CFG's own passes. Works with CFG, with core patches and with itself.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -53,17 +59,36 @@ class TrainFreePAG(ModelPatchNode):
         }, "optional": {
             "adaptive_scale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.0001,
                                          "tooltip": "diffusers' damping: the scale falls by this much per unit "
-                                                    "of timestep below 1000, s_t = max(0, s - a(1000 - t)). "
+                                                    "of timestep below 1000, s_t = max(0, s - a(1000 - t)) (t: the "
+                                                    "discrete timestep on SD, sigma x 1000 on SD3 / Flux). "
                                                     "0 = constant scale (paper)."}),
             "rescale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                  "tooltip": "Guidance rescale phi: pull the result's std back towards the "
-                                             "conditional prediction's to counter over-exposure. 0 = off (paper)."}),
+                                  "tooltip": "Guidance rescale phi (Lin et al., as diffusers' guidance_rescale): "
+                                             "pull the std of the guided noise prediction (eps, v or flow "
+                                             "velocity, the model's own output) back towards the conditional "
+                                             "one's, against over-exposure. Acts on the whole guided result "
+                                             "(CFG + PAG); unlike diffusers also at cfg 1. 0 = off (paper)."}),
+            "dit_mode": (list(DIT_MODES), {
+                "default": KEEP_TEXT,
+                "tooltip": "SD3 / Flux only, where self-attention is joint over text and image tokens. "
+                           "'image-only (diffusers)': only the image-to-image part of the attention map becomes the "
+                           "identity; image tokens still read the prompt and text tokens attend as usual (diffusers' "
+                           "SD3 PAG). 'whole sequence': the whole joint sequence gets the identity, so the perturbed "
+                           "layer also loses the prompt (stronger, partly acts like CFG; this pack's earlier "
+                           "default). SD1.5 / SDXL self-attention holds no text: leave the default there."}),
         }}
 
-    def patch(self, model, scale, layers, start_percent, end_percent, adaptive_scale=0.0, rescale=0.0):
+    def patch(self, model, scale, layers, start_percent, end_percent, adaptive_scale=0.0, rescale=0.0,
+              dit_mode=KEEP_TEXT):
         if start_percent > end_percent:
             raise ValueError(f"start_percent ({start_percent}) is after end_percent ({end_percent}): swap them")
         family = host.require_family(model, "TrainFree PAG", tuple(DEFAULT_LAYERS))
+        if dit_mode not in DIT_MODES:
+            raise ValueError(f"input 'dit_mode' is {dit_mode!r}: choose one of {', '.join(DIT_MODES)}")
+        if dit_mode != KEEP_TEXT and family not in host.DIT_FAMILIES:
+            raise ValueError(f"input 'dit_mode' is {dit_mode!r}, but this is {host.FAMILY_NAMES[family]}, whose "
+                             f"self-attention holds image tokens only, so there is no text to keep or perturb: set "
+                             f"dit_mode to {KEEP_TEXT!r}")
         text = DEFAULT_LAYERS[family] if layers.strip().lower() in ("", "auto") else layers
         try:
             selected = check_layers(parse_layers(text), host.attention_layers(model))
@@ -78,7 +103,7 @@ class TrainFreePAG(ModelPatchNode):
         def start(guider, *_):
             patcher = guider.model_patcher
             return PAGRun(host.percent_to_sigma(patcher, start_percent), host.percent_to_sigma(patcher, end_percent),
-                          lambda sigma: host.sigma_to_timestep(patcher, sigma))
+                          lambda sigma: host.sigma_to_timestep(patcher, sigma), host.model_sampling(patcher))
 
         def step_scale(run, sigma):
             return pag.adaptive_scale(scale, adaptive_scale, run.timestep_of(sigma)) if adaptive_scale else scale
@@ -99,7 +124,10 @@ class TrainFreePAG(ModelPatchNode):
                     f"same attention without passing it on. Put TrainFree PAG after that patch.")
             cond = args["cond_denoised"]
             guided = pag.pag_guidance(args["denoised"], cond, run.extra_output, step_scale(run, args["sigma"]))
-            return pag.rescale_to_reference(guided, cond, rescale)
+            if not rescale:
+                return guided
+            to_prediction, to_denoised = host.prediction_space(run.sampling, args["sigma"], args["input"])
+            return to_denoised(pag.rescale_to_reference(to_prediction(guided), to_prediction(cond), rescale))
 
         def finish(run):
             report = {"evaluations": run.evaluations, "extra_passes": run.extra_passes, "skipped": run.skipped,
@@ -110,7 +138,7 @@ class TrainFreePAG(ModelPatchNode):
             return report
 
         scope = host.RunScope(m, key, start, finish)
-        host.perturb_self_attention(m, selected, scope)
+        host.perturb_self_attention(m, selected, scope, keep_text=dit_mode == KEEP_TEXT)
         host.add_extra_cond_pass(m, scope, wanted)
         host.add_post_cfg(m, post_cfg)
         return (m,)

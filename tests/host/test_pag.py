@@ -186,12 +186,13 @@ def test_exactly_the_selected_layers_are_perturbed(tiny, family, layers, expecte
 
 
 def test_exactly_the_selected_sd3_block_is_perturbed(tiny):
-    # SD3's MMDiT names no blocks inside attention calls: its joint blocks run in order, one call each.
+    # SD3's MMDiT names no blocks inside attention calls: its joint blocks run in order, one call each. At the
+    # perturbed block the perturbed row attends alone (with PAG's mask), the other two rows without it.
     model = tiny("sd3").clone()
     recorder = AttentionRecorder(model)
     sample(pag(model, layers="double.0"), "sd3", steps=2)
     rows = [r for _, _, r in recorder.calls]
-    assert rows == [2, 3] * 2
+    assert rows == [1, 2, 3] * 2
 
 
 def test_a_model_family_it_cannot_serve_is_refused(tiny):
@@ -203,3 +204,12 @@ def test_a_model_family_it_cannot_serve_is_refused(tiny):
     aura = comfy.model_patcher.ModelPatcher(config.get_model({}), load_device="cpu", offload_device="cpu")
     with pytest.raises(ValueError, match="cannot serve this model .*SD1.5, SDXL"):
         pag(aura)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd3"])
+def test_adaptive_scale_and_rescale_change_the_result_and_their_neutral_values_do_not(tiny, family):
+    plain = sample(pag(tiny(family)), family)
+    assert torch.equal(sample(pag(tiny(family), adaptive_scale=0.0, rescale=0.0), family), plain)
+    for setting in ({"adaptive_scale": 0.002}, {"rescale": 0.7}):
+        changed = sample(pag(tiny(family), **setting), family)
+        assert torch.isfinite(changed).all() and (changed - plain).abs().max() > 1e-3, setting

@@ -26,3 +26,17 @@ def test_every_probe_has_a_kind(host):
     for name, (value, kind) in host.probes().items():
         assert kind in ("branch", "requirement"), name
         assert kind == "branch" or value, f"{name}: a hook the pack needs is missing on this ComfyUI"
+
+
+def test_the_img_slice_probe_says_what_flux_passes_its_single_blocks(tiny, host):
+    """Record what a Flux single block receives; the probe must agree with it."""
+    from conftest import sample
+    model = tiny("flux").clone()
+    seen = []
+
+    def single(args, extra):
+        seen.append("img_slice" in args["transformer_options"])
+        return extra["original_block"](args)
+    model.set_model_patch_replace(single, "dit", "single_block", 0)
+    sample(model, "flux", steps=1, size=8)
+    assert seen and set(seen) == {host.FLUX_STATES_IMG_SLICE}
