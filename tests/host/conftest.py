@@ -68,3 +68,28 @@ class ModelCallCounter:
         self.calls += 1
         self.rows += x.shape[0]
         return executor(x, *args, **kwargs)
+
+
+class FirstEvaluation:
+    """A post-CFG function added after the patches: keeps the first evaluation's ``keys`` of the post-CFG args."""
+
+    def __init__(self, model, keys=("input", "sigma", "cond_denoised", "uncond_denoised", "denoised")):
+        model.set_model_sampler_post_cfg_function(self)
+        self.keys, self.args = keys, None
+
+    def __call__(self, args):
+        if self.args is None:
+            self.args = {k: args[k] for k in self.keys}
+        return args["denoised"]
+
+
+class AttentionOverride:
+    """Base of the tests' attention recorders: installs itself as the model's attention override and survives
+    ComfyUI 0.3.75's deep copy of model_options on clone."""
+
+    def __init__(self, model):
+        model.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = self
+        self.calls = []
+
+    def __deepcopy__(self, memo):
+        return self

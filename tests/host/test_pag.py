@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import ModelCallCounter, run_node, sample
+from conftest import AttentionOverride, ModelCallCounter, run_node, sample
 from harness import tiny_models
 
 
@@ -149,16 +149,9 @@ def test_the_window_skips_the_extra_pass_outside_it(tiny, family, host):
     assert report(host, patched)[0]["skipped"] == 8 - guided
 
 
-class AttentionRecorder:
+class AttentionRecorder(AttentionOverride):
     """An attention override that records, for every self-attention call, its layer and how many batch rows
     really went through attention (rows given identity attention by PAG never reach it)."""
-
-    def __init__(self, model):
-        model.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = self
-        self.calls = []
-
-    def __deepcopy__(self, memo):  # ComfyUI 0.3.75 deep-copies model_options when a model is cloned
-        return self
 
     def __call__(self, func, *args, **kwargs):
         to = kwargs.get("transformer_options") or {}

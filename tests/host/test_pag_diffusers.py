@@ -7,7 +7,7 @@ prediction of our perturbed pass, which must equal the perturbed half of diffuse
 import pytest
 import torch
 
-from conftest import run_node, sample
+from conftest import FirstEvaluation, run_node, sample
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (requirements-test.txt) is not installed")
 
@@ -36,19 +36,6 @@ def weights(pack):
     comfy_model = comfy.sd.load_diffusion_model_state_dict(state, model_options={"dtype": torch.float32})
     assert type(comfy_model.model).__name__ == "SD3"
     return reference, comfy_model
-
-
-class FirstEvaluation:
-    """A post-CFG function added after the patches: keeps the first evaluation's input and predictions."""
-
-    def __init__(self, model):
-        model.set_model_sampler_post_cfg_function(self)
-        self.args = None
-
-    def __call__(self, args):
-        if self.args is None:
-            self.args = {k: args[k] for k in ("input", "sigma", "cond_denoised", "denoised")}
-        return args["denoised"]
 
 
 def one_step(model, cond, pooled, seed=0):

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import run_node, sample
+from conftest import AttentionOverride, FirstEvaluation, run_node, sample
 
 TEXT = 8  # tokens of the test prompts; Flux and SD3 put them before the 64 image tokens of a 16 x 16 latent
 IMAGE = 64
@@ -21,14 +21,7 @@ def pag(model, scale=3.0, layers="auto", **kw):
                     **kw)[0]
 
 
-class ProbabilityRecorder:
-    def __init__(self, model):
-        model.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = self
-        self.calls = []
-
-    def __deepcopy__(self, memo):  # ComfyUI 0.3.75 deep-copies model_options when a model is cloned
-        return self
-
+class ProbabilityRecorder(AttentionOverride):
     def __call__(self, func, *args, **kwargs):
         q, k, v = args[:3]
         heads = args[3] if len(args) > 3 else kwargs["heads"]
@@ -108,19 +101,6 @@ def test_whole_sequence_mode_gives_the_perturbed_rows_no_attention_at_all(tiny, 
     assert all(cou != [PERTURBED_CHUNK] for _, cou, _ in recorder.calls)
     partial = [cou for _, cou, _ in recorder.calls if sorted(cou) == [0, 1]]
     assert len(partial) == 2, "at the perturbed layer only the other rows reach attention, once per step"
-
-
-class FirstEvaluation:
-    """A post-CFG function added after the patches: keeps the first evaluation's predictions."""
-
-    def __init__(self, model):
-        model.set_model_sampler_post_cfg_function(self)
-        self.args = None
-
-    def __call__(self, args):
-        if self.args is None:
-            self.args = {k: args[k] for k in ("cond_denoised", "uncond_denoised", "denoised")}
-        return args["denoised"]
 
 
 def first_evaluation(model, family, cfg=3.0):
