@@ -2,7 +2,7 @@
 checks across the hosts that both branches of every probe are taken)."""
 import copy
 
-from conftest import run_node
+from conftest import run_node, sample
 
 
 def test_the_clone_probe_says_whether_clone_deep_copies_a_patch_s_run_scope(tiny, host):
@@ -30,7 +30,6 @@ def test_every_probe_has_a_kind(host):
 
 def test_the_img_slice_probe_says_what_flux_passes_its_single_blocks(tiny, host):
     """Record what a Flux single block receives; the probe must agree with it."""
-    from conftest import sample
     model = tiny("flux").clone()
     seen = []
 

@@ -31,6 +31,9 @@ def _start_up_lines(server):
     """The start-up log up to 'Starting server', with what differs between any two starts (folders, ports,
     timings) masked."""
     text = server.log().split("Starting server")[0].replace(server.base_dir, "<base>")
+    # 0.33.0 may colour its log and tag each line with its level ("\x1b[32m[INFO]\x1b[0m ..."): keep the words only.
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    text = re.sub(r"^\[(DEBUG|INFO|WARNING|ERROR|CRITICAL)\]\s*", "", text, flags=re.M)
     return [re.sub(r"\d+(\.\d+)?", "<n>", line).strip() for line in text.splitlines() if line.strip()]
 
 

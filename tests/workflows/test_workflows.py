@@ -108,7 +108,8 @@ def test_conversion_follows_widget_order_and_the_seed_control_entry(engine):
     assert by_type["KSampler"]["seed"] == 42 and by_type["KSampler"]["steps"] == 25
     assert by_type["KSampler"]["sampler_name"] == "euler" and by_type["KSampler"]["denoise"] == 1.0
     assert by_type["TrainFreePAG"] == {"model": ["1", 0], "scale": 3.0, "layers": "auto", "start_percent": 0.0,
-                                       "end_percent": 1.0, "adaptive_scale": 0.0, "rescale": 0.0}
+                                       "end_percent": 1.0, "adaptive_scale": 0.0, "rescale": 0.0,
+                                       "dit_mode": "image-only (diffusers)"}
 
 
 def test_unknown_node_types_are_named(engine):
