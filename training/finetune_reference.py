@@ -71,7 +71,7 @@ def finetune(host, model, clip, latents, captions, steps, batch=64, lr=2e-4, dro
         snr = sigma.pow(-2)
         weight = snr.clamp(max=MIN_SNR) / snr
         return (weight * F.mse_loss(eps, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
-    return common.train_denoiser(net, batch_loss, "sd15_v2.pt", steps, lr, warmup=100, seed=SEED)
+    return common.train_denoiser(net, batch_loss, "sd15_v2.pt", steps, lr, warmup=100, seed=SEED, save_every=100)
 
 
 def main():

@@ -208,10 +208,10 @@ def copies_for_backward():
     return torch.autograd.graph.saved_tensors_hooks(torch.clone, lambda saved: saved)
 
 
-def train_denoiser(net, batch_loss, name, steps, lr, warmup=500, ema_decay=0.999, seed=SEED + 3):
+def train_denoiser(net, batch_loss, name, steps, lr, warmup=500, ema_decay=0.999, seed=SEED + 3, save_every=500):
     """AdamW (weight decay 0.01, gradient clip 1, linear warm-up) on ``batch_loss(generator)`` up to ``steps`` steps
-    in all, with an EMA of ``net``'s weights; checkpointed to training/work/``name`` every 500 steps and resumed from
-    there. Step n draws from a generator seeded with ``seed + n``, so a resumed run equals an uninterrupted one.
+    in all, with an EMA of ``net``'s weights; checkpointed to training/work/``name`` every ``save_every`` steps and
+    resumed from there. Step n draws from a generator seeded with ``seed + n``, so a resumed run equals an uninterrupted one.
     Returns (EMA state, steps, seconds)."""
     path = checkpoint_path(name)
     ema = copy.deepcopy(net.state_dict())
@@ -229,6 +229,7 @@ def train_denoiser(net, batch_loss, name, steps, lr, warmup=500, ema_decay=0.999
         torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "ema": ema, "step": step,
                     "seconds": time.time() - started}, path)
     net.train()
+    first = step
     while step < steps:
         loss = batch_loss(g.manual_seed(seed + step))
         for group in opt.param_groups:
@@ -246,9 +247,10 @@ def train_denoiser(net, batch_loss, name, steps, lr, warmup=500, ema_decay=0.999
             elapsed = time.time() - started
             print(f"{name} step {step} loss {loss.item():.4f} ({elapsed:.0f} s, {elapsed / step:.2f} s/step)",
                   flush=True)
-        if step % 500 == 0:
+        if step % save_every == 0:
             save()
-    save()
+    if step > first:  # a run asked for no more steps than were done exports the checkpoint without rewriting it
+        save()
     return ema, step, time.time() - started
 
 
