@@ -11,10 +11,11 @@ def available():
 
 
 class TrainFreeReferenceModel:
-    DESCRIPTION = ("Loads the pack's built-in reference model: a small SD1.5-architecture model trained on real "
-                   "handwritten digits (128x128, prompts like 'a red digit seven on a dark background'). Runs any "
-                   "SD1.5 workflow on a CPU in seconds with nothing to download. Use it where "
-                   "'Load Checkpoint' goes.")
+    DESCRIPTION = ("Loads one of the pack's built-in reference models, trained on real handwritten digits (128x128, "
+                   "prompts like 'a red digit seven on a dark background'): trainfree_digits.safetensors is "
+                   "SD1.5-class, trainfree_digits_flux.safetensors is Flux-class (rectified flow, no guidance "
+                   "embedding: use cfg > 1 with a negative prompt; FluxGuidance has no effect on it). Runs workflows of "
+                   "that family on a CPU in seconds with nothing to download. Use it where 'Load Checkpoint' goes.")
     CATEGORY = "trainfree/loaders"
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     FUNCTION = "load"
@@ -23,7 +24,9 @@ class TrainFreeReferenceModel:
     def INPUT_TYPES(cls):
         return {"required": {
             "model_file": (available() or ["trainfree_digits.safetensors"],
-                           {"tooltip": "The reference model file in the pack's reference_model/ folder."}),
+                           {"tooltip": "The reference model file in the pack's reference_model/ folder; the file "
+                                       "chooses the family: trainfree_digits.safetensors (SD1.5-class) or "
+                                       "trainfree_digits_flux.safetensors (Flux-class)."}),
         }}
 
     def load(self, model_file):

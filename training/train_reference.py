@@ -9,7 +9,7 @@ exactly what was trained:
 
 Deterministic (fixed seeds), resumable (checkpoints in training/work/, re-run the same command to go on):
 
-    python -m training.train_reference --vae-steps 600 --unet-minutes 50
+    python -m training.train_reference --vae-steps 600 --unet-steps 4500
 """
 import argparse
 import copy
@@ -67,10 +67,16 @@ def vae_step(ae, images, kl_weight=1e-6):
     return F.l1_loss(recon, x) + F.mse_loss(recon, x) + kl_weight * kl
 
 
-def train_vae(host, scans, labels, train_idx, steps, batch=16, crop=64):
-    path = checkpoint_path("vae.pt")
-    ae = host.build_kl_autoencoder(VAE_DDCONFIG, LATENT_CHANNELS)
+def train_vae(host, scans, labels, train_idx, steps, batch=16, crop=64, ddconfig=VAE_DDCONFIG,
+              channels=LATENT_CHANNELS, name="vae.pt", warm_start=None):
+    """Train (or resume) a KL autoencoder; ``warm_start``: a state dict whose same-shaped tensors start it."""
+    path = checkpoint_path(name)
+    ae = host.build_kl_autoencoder(ddconfig, channels)
     init_fan_in(ae, SEED)
+    if warm_start is not None:
+        own = ae.state_dict()
+        ae.load_state_dict({k: v for k, v in warm_start.items() if k in own and own[k].shape == v.shape},
+                           strict=False)
     opt = torch.optim.AdamW(ae.parameters(), lr=1e-3, weight_decay=0.0)
     step = 0
     if os.path.exists(path):
@@ -96,15 +102,17 @@ def train_vae(host, scans, labels, train_idx, steps, batch=16, crop=64):
     return ae
 
 
-def normalise_latent_scale(ae, latents_std):
-    """Reparametrise the encoder's output and the decoder's input so that latents have std 1 / LATENT_SCALE,
-    which SD1.5's latent format expects; the autoencoder's function is unchanged."""
-    k = (1.0 / LATENT_SCALE) / latents_std
+def normalise_latent_scale(ae, latents_mean, latents_std, channels=LATENT_CHANNELS, scale=LATENT_SCALE, shift=0.0):
+    """Reparametrise the encoder's output and the decoder's input so that latents have mean ``shift`` and std
+    1 / ``scale``, which the family's latent format expects; the autoencoder's function is unchanged."""
+    k = (1.0 / scale) / latents_std
+    c = shift - k * latents_mean
     with torch.no_grad():
         qc, pqc = ae.quant_conv, ae.post_quant_conv
-        qc.weight[:LATENT_CHANNELS] *= k
-        qc.bias[:LATENT_CHANNELS] *= k
-        qc.bias[LATENT_CHANNELS:] += 2 * math.log(k)
+        qc.weight[:channels] *= k
+        qc.bias[:channels] = qc.bias[:channels] * k + c
+        qc.bias[channels:] += 2 * math.log(k)
+        pqc.bias -= pqc.weight.sum(dim=(1, 2, 3)) * c / k  # the decoder sees (z' - c) / k
         pqc.weight /= k
 
 
@@ -117,8 +125,8 @@ def encode(ae, images, batch=64):
     return torch.cat(out)
 
 
-def dataset_latents(ae, scans, labels, train_idx):
-    path = checkpoint_path("latents.pt")
+def dataset_latents(ae, scans, labels, train_idx, name="latents.pt"):
+    path = checkpoint_path(name)
     if os.path.exists(path):
         return torch.load(path)
     count = len(train_idx) * RENDERS_PER_SCAN
@@ -133,17 +141,35 @@ def dataset_latents(ae, scans, labels, train_idx):
     return data
 
 
+def prepare_autoencoder(host, scans, labels, train_idx, vae_steps, name="vae", latent_scale=LATENT_SCALE,
+                        latent_shift=0.0, **vae_options):
+    """The trained autoencoder with its latents normalised to the family's format, and the training set's latents."""
+    ae = train_vae(host, scans, labels, train_idx, vae_steps, name=f"{name}.pt", **vae_options)
+    channels = vae_options.get("channels", LATENT_CHANNELS)
+    if not os.path.exists(checkpoint_path(f"{name}_normalised.pt")):
+        probe = encode(ae, digits.examples(scans, labels, train_idx, 256, seed=SEED + 7)[0])
+        normalise_latent_scale(ae, probe.mean().item() if latent_shift else 0.0, probe.std().item(), channels,
+                               latent_scale, latent_shift)
+        torch.save({"model": ae.state_dict(), "opt": {}, "step": vae_steps, "normalised": True},
+                   checkpoint_path(f"{name}_normalised.pt"))
+    else:
+        ae.load_state_dict(torch.load(checkpoint_path(f"{name}_normalised.pt"))["model"])
+    data = dataset_latents(ae, scans, labels, train_idx, name=f"{name}_latents.pt" if name != "vae" else "latents.pt")
+    print(f"latent mean {data['latents'].mean().item():.3f} std {data['latents'].std().item():.3f} "
+          f"(target {latent_shift:.3f}, {1 / latent_scale:.3f})", flush=True)
+    return ae, data
+
+
 # ---------------------------------------------------------------- text encoder and UNet
 
-def text_encoder(host):
-    """The frozen text encoder, with exactly the weights the exported file stores (so the UNet trains on the
-    embeddings users get): the token table as int8 per row, everything else in float16."""
-    path = checkpoint_path("clip.pt")
-    clip = host.build_sd1_text_encoder(CLIP_CONFIG)
+def frozen_text_encoder(host, clip, name, seed):
+    """``clip`` at its seeded random init (kept in training/work/``name``), with exactly the weights the exported
+    file stores, so the denoiser trains on the embeddings users get: token tables int8 per row, the rest float16."""
+    path = checkpoint_path(name)
     if os.path.exists(path):
         state = torch.load(path)
     else:
-        init_fan_in(clip.cond_stage_model, SEED + 1)
+        init_fan_in(clip.cond_stage_model, seed)
         state = clip.cond_stage_model.state_dict()
         torch.save(state, path)
     clip.cond_stage_model.load_state_dict(host.unpack_weights(pack_text_encoder(state)))
@@ -151,11 +177,11 @@ def text_encoder(host):
 
 
 def pack_text_encoder(state):
-    """Shrink the text encoder for the file: the 49408-row token table (random, frozen) as int8 with one scale
+    """Shrink a text encoder for the file: its token tables (CLIP's 49408 rows, T5's 32128) as int8 with one scale
     per row, the rest as float16."""
     packed = {}
     for key, value in state.items():
-        if key.endswith("token_embedding.weight"):
+        if key.endswith(("token_embedding.weight", "shared.weight")):
             scale = value.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
             packed[key + ".int8"] = (value / scale).round().to(torch.int8)
             packed[key + ".scale"] = scale.float()
@@ -168,52 +194,49 @@ def pack_text_encoder(state):
 
 @torch.no_grad()
 def embed(clip, texts):
+    """{text: (cross-attention sequence, pooled vector)} from the frozen text encoder."""
     out = {}
     for text in texts:
-        cond, _ = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
-        out[text] = cond[0]
+        cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+        out[text] = (cond[0], pooled[0] if pooled is not None else None)
     return out
 
 
-def train_unet(host, latents, captions, embeddings, minutes, batch=64, lr=5e-4, ema_decay=0.999, drop=0.1):
-    path = checkpoint_path("unet.pt")
-    patcher = host.build_diffusion_model("SD15", UNET_CONFIG)
-    model = patcher.model
-    net = model.diffusion_model
-    init_fan_in(net, SEED + 2)
+def copies_for_backward():
+    """ComfyUI's models are inference implementations that add residuals in place; under this context autograd
+    keeps its own copies of the tensors it saves for the backward pass, so training through them is correct."""
+    return torch.autograd.graph.saved_tensors_hooks(torch.clone, lambda saved: saved)
+
+
+def train_denoiser(net, batch_loss, name, steps, lr, warmup=500, ema_decay=0.999, seed=SEED + 3, save_every=500):
+    """AdamW (weight decay 0.01, gradient clip 1, linear warm-up) on ``batch_loss(generator)`` up to ``steps`` steps
+    in all, with an EMA of ``net``'s weights; checkpointed to training/work/``name`` every ``save_every`` steps and
+    resumed from there. Step n draws from a generator seeded with ``seed + n``, so a resumed run equals an uninterrupted one.
+    Returns (EMA state, steps, seconds)."""
+    path = checkpoint_path(name)
     ema = copy.deepcopy(net.state_dict())
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     step, spent = 0, 0.0
     if os.path.exists(path):
         state = torch.load(path)
         net.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
         ema, step, spent = state["ema"], state["step"], state["seconds"]
-    sigmas = model.model_sampling.sigmas
-    x0_all = model.latent_format.process_in(latents)
-    empty = embeddings[""]
-    cond_all = torch.stack([embeddings[c] for c in captions])
-    g = torch.Generator().manual_seed(SEED + 3)
-    g.manual_seed(SEED + 3 + step)
+    g = torch.Generator()
     started = time.time() - spent
+
+    def save():
+        torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "ema": ema, "step": step,
+                    "seconds": time.time() - started}, path)
     net.train()
-    while time.time() - started < minutes * 60:
-        idx = torch.randint(len(x0_all), (batch,), generator=g)
-        x0 = x0_all[idx]
-        flip = torch.rand(batch, generator=g) < drop
-        context = torch.where(flip[:, None, None], empty[None], cond_all[idx])
-        t = torch.randint(0, len(sigmas), (batch,), generator=g)
-        sigma = sigmas[t]
-        noise = torch.randn(x0.shape, generator=g)
-        noisy = x0 + noise * sigma[:, None, None, None]
-        denoised = model.apply_model(noisy, sigma, c_crossattn=context)
-        eps = (noisy - denoised) / sigma[:, None, None, None]
-        loss = F.mse_loss(eps, noise)
-        warm = min(1.0, (step + 1) / 500)
+    first = step
+    while step < steps:
+        loss = batch_loss(g.manual_seed(seed + step))
         for group in opt.param_groups:
-            group["lr"] = lr * warm
+            group["lr"] = lr * min(1.0, (step + 1) / warmup)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         with torch.no_grad():
@@ -222,59 +245,90 @@ def train_unet(host, latents, captions, embeddings, minutes, batch=64, lr=5e-4, 
                 ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay) if v.dtype.is_floating_point else ema[k].copy_(v)
         if step % 100 == 0:
             elapsed = time.time() - started
-            print(f"unet step {step} loss {loss.item():.4f} ({elapsed:.0f} s, {elapsed / step:.2f} s/step)", flush=True)
-        if step % 500 == 0:
-            torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "ema": ema, "step": step,
-                        "seconds": time.time() - started}, path)
-    torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "ema": ema, "step": step,
-                "seconds": time.time() - started}, path)
+            print(f"{name} step {step} loss {loss.item():.4f} ({elapsed:.0f} s, {elapsed / step:.2f} s/step)",
+                  flush=True)
+        if step % save_every == 0:
+            save()
+    if step > first:  # a run asked for no more steps than were done exports the checkpoint without rewriting it
+        save()
     return ema, step, time.time() - started
 
 
-def export(ae, clip, unet_state, info):
+def draw_examples(g, x0_all, batch, drop):
+    """(indices, clean latents, caption-dropout mask) of one training batch."""
+    idx = torch.randint(len(x0_all), (batch,), generator=g)
+    return idx, x0_all[idx], torch.rand(batch, generator=g) < drop
+
+
+def train_unet(host, latents, captions, embeddings, steps, batch=64, lr=5e-4, drop=0.1):
+    patcher = host.build_diffusion_model("SD15", UNET_CONFIG)
+    model = patcher.model
+    net = model.diffusion_model
+    init_fan_in(net, SEED + 2)
+    sigmas = model.model_sampling.sigmas
+    x0_all = model.latent_format.process_in(latents)
+    empty = embeddings[""][0]
+    cond_all = torch.stack([embeddings[c][0] for c in captions])
+
+    def batch_loss(g):
+        idx, x0, flip = draw_examples(g, x0_all, batch, drop)
+        context = torch.where(flip[:, None, None], empty[None], cond_all[idx])
+        t = torch.randint(0, len(sigmas), (batch,), generator=g)
+        sigma = sigmas[t]
+        noise = torch.randn(x0.shape, generator=g)
+        noisy = x0 + noise * sigma[:, None, None, None]
+        denoised = model.apply_model(noisy, sigma, c_crossattn=context)
+        eps = (noisy - denoised) / sigma[:, None, None, None]
+        return F.mse_loss(eps, noise)
+    return train_denoiser(net, batch_loss, "unet.pt", steps, lr)
+
+
+def export(parts, config, path=OUT):
+    """Write ``parts`` ({"unet": state, "vae": state, "clip": packed state}) in float16 with ``config`` as metadata."""
     from safetensors.torch import save_file
     tensors = {}
-    for prefix, state in (("unet.", unet_state), ("vae.", ae.state_dict()),
-                          ("clip.", pack_text_encoder(clip.cond_stage_model.state_dict()))):
+    for prefix, state in parts.items():
         for k, v in state.items():
             v = v.detach()
-            tensors[prefix + k] = (v.to(torch.float16) if v.dtype == torch.float32 else v).contiguous()
-    metadata = {"trainfree_reference": json.dumps({
-        "unet_config": UNET_CONFIG, "clip_config": CLIP_CONFIG, "vae_ddconfig": VAE_DDCONFIG,
-        "latent_channels": LATENT_CHANNELS, "model_config": "SD15", **info})}
-    os.makedirs(os.path.dirname(OUT), exist_ok=True)
-    save_file(tensors, OUT, metadata=metadata)
-    print(f"wrote {OUT} ({os.path.getsize(OUT) / 2**20:.1f} MiB)")
+            tensors[f"{prefix}.{k}"] = (v.to(torch.float16) if v.dtype == torch.float32 else v).contiguous()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file(tensors, path, metadata={"trainfree_reference": json.dumps(config)})
+    print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB)")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--vae-steps", type=int, default=600)
-    parser.add_argument("--unet-minutes", type=float, default=50)
-    parser.add_argument("--threads", type=int, default=0)
+def load_data():
+    scans, labels = digits.load_scans()
+    return scans, labels, digits.split(labels)[0]
+
+
+def start(doc, seed, **step_options):
+    """Parse a training script's options (``--threads`` and the given step counts), seed torch, boot ComfyUI on
+    the CPU; returns (options, the pack's host adapter)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    for name, default in step_options.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=default)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     comfy_host.boot()
-    host = comfy_host.pack_module("nodes.host")
-    scans, labels = digits.load_scans()
-    train_idx, _ = digits.split(labels)
-    ae = train_vae(host, scans, labels, train_idx, args.vae_steps)
-    if not os.path.exists(checkpoint_path("latents.pt")):
-        probe = encode(ae, digits.examples(scans, labels, train_idx, 256, seed=SEED + 7)[0])
-        normalise_latent_scale(ae, probe.std().item())
-        torch.save({"model": ae.state_dict(), "opt": {}, "step": args.vae_steps, "normalised": True},
-                   checkpoint_path("vae_normalised.pt"))
-    else:
-        ae.load_state_dict(torch.load(checkpoint_path("vae_normalised.pt"))["model"])
-    data = dataset_latents(ae, scans, labels, train_idx)
-    print(f"latent std {data['latents'].std().item():.3f} (target {1 / LATENT_SCALE:.3f})")
-    clip = text_encoder(host)
+    return args, comfy_host.pack_module("nodes.host")
+
+
+def main():
+    args, host = start(__doc__, SEED, vae_steps=600, unet_steps=4500)
+    scans, labels, train_idx = load_data()
+    ae, data = prepare_autoencoder(host, scans, labels, train_idx, args.vae_steps)
+    clip = frozen_text_encoder(host, host.build_sd1_text_encoder(CLIP_CONFIG), "clip.pt", SEED + 1)
     embeddings = embed(clip, [""] + digits.all_captions())
-    ema, steps, seconds = train_unet(host, data["latents"], data["captions"], embeddings, args.unet_minutes)
-    export(ae, clip, ema, {"unet_steps": steps, "unet_seconds": round(seconds), "vae_steps": args.vae_steps,
-                           "seed": SEED, "train_scans": len(train_idx), "renders_per_scan": RENDERS_PER_SCAN})
+    ema, steps, seconds = train_unet(host, data["latents"], data["captions"], embeddings, args.unet_steps)
+    config = {"unet_config": UNET_CONFIG, "clip_config": CLIP_CONFIG, "vae_ddconfig": VAE_DDCONFIG,
+              "latent_channels": LATENT_CHANNELS, "model_config": "SD15", "unet_steps": steps,
+              "unet_seconds": round(seconds), "vae_steps": args.vae_steps, "seed": SEED,
+              "train_scans": len(train_idx), "renders_per_scan": RENDERS_PER_SCAN}
+    export({"unet": ema, "vae": ae.state_dict(), "clip": pack_text_encoder(clip.cond_stage_model.state_dict())},
+           config)
 
 
 if __name__ == "__main__":

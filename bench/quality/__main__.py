@@ -4,6 +4,7 @@
     python -m bench.quality --name pag --cfg 7.5 --patch TrainFreePAG scale=3.0
     python -m bench.quality --name wf --workflow workflows/pag_sd15.json
     python -m bench.quality --name cached --cfg 7.5 --patch ... --against cfg_7.5   # adds PSNR / SSIM
+    python -m bench.quality --model flux --name flux_cfg_3 --cfg 3 --scheduler simple
 
 Everything runs through ComfyUI's execution engine. Each row is written to --out as <name>.json, the images
 as <name>.png (one row per prompt) and <name>.pt (for later --against comparisons).
@@ -20,6 +21,7 @@ from harness import comfy_host, run_workflows
 from training import digits
 
 OUT = os.path.join(comfy_host.PACK_DIR, "bench", "output", "quality")
+MODELS = {"sd15": "trainfree_digits.safetensors", "flux": "trainfree_digits_flux.safetensors"}
 _collected = {}
 
 
@@ -45,9 +47,10 @@ def prompt_set(count):
     return [(i % 10, colours[(i * 3) % len(colours)], backgrounds[(i // 5) % 2]) for i in range(count)]
 
 
-def technique_graph(captions, per_prompt, cfg, steps, seed, patches, sampler="euler", scheduler="normal"):
+def technique_graph(captions, per_prompt, cfg, steps, seed, patches, sampler="euler", scheduler="normal",
+                    model_file=MODELS["sd15"]):
     """API prompt: reference model -> patches -> one KSampler per caption -> images collected by caption."""
-    prompt = {"model": {"class_type": "TrainFreeReferenceModel", "inputs": {"model_file": "trainfree_digits.safetensors"}}}
+    prompt = {"model": {"class_type": "TrainFreeReferenceModel", "inputs": {"model_file": model_file}}}
     model = ["model", 0]
     for i, (class_type, inputs) in enumerate(patches):
         prompt[f"patch{i}"] = {"class_type": class_type, "inputs": {"model": model, **inputs}}
@@ -68,9 +71,9 @@ def technique_graph(captions, per_prompt, cfg, steps, seed, patches, sampler="eu
 
 
 @torch.no_grad()
-def real_features(judge, vae_source, out, count=360, seed=777):
+def real_features(judge, vae_source, out, model, count=360, seed=777):
     """Oracle features of held-out real digits passed through the reference model's VAE (cached in ``out``)."""
-    path = os.path.join(out, "real_features.pt")
+    path = os.path.join(out, f"real_features_{model}.pt")
     if os.path.exists(path):
         return torch.load(path)
     scans, labels = digits.load_scans()
@@ -87,12 +90,15 @@ def score(images, captions, per_prompt, judge, reference_features):
     """images: [N, 3, H, W] in 0..1, ``per_prompt`` consecutive images per caption."""
     wanted_digits = torch.tensor([d for d, _, _ in captions]).repeat_interleave(per_prompt)
     wanted_colours = [c for _, c, _ in captions for _ in range(per_prompt)]
+    wanted_backgrounds = [b for _, _, b in captions for _ in range(per_prompt)]
     with torch.no_grad():
         predicted = judge(images).argmax(1)
         feats = judge.embed(images)
     colours = metrics.nearest_colour(metrics.foreground_colour(images), digits.COLOURS)
+    backgrounds = metrics.nearest_background(images, digits.BACKGROUNDS)
     return {"digit_adherence": (predicted == wanted_digits).float().mean().item(),
             "colour_adherence": sum(a == b for a, b in zip(colours, wanted_colours)) / len(colours),
+            "background_adherence": sum(a == b for a, b in zip(backgrounds, wanted_backgrounds)) / len(backgrounds),
             "frechet_distance": metrics.frechet_distance(feats, reference_features),
             "clipped_share": metrics.clipped_share(images), "mean_chroma": metrics.mean_chroma(images)}
 
@@ -105,7 +111,7 @@ def save_grid(images, per_prompt, path):
 
 
 def run(name, cfg=7.5, patches=(), workflow=None, prompts=10, per_prompt=8, steps=20, seed=0, against=None,
-        out=OUT, sampler="euler", scheduler="normal"):
+        out=OUT, sampler="euler", scheduler="normal", model="sd15"):
     run_workflows.boot()
     import nodes
     nodes.NODE_CLASS_MAPPINGS["HarnessCollectImages"] = HarnessCollectImages
@@ -125,17 +131,18 @@ def run(name, cfg=7.5, patches=(), workflow=None, prompts=10, per_prompt=8, step
             images.append(_collected.pop("0"))
     else:
         comfy_host.execute_prompt(technique_graph(captions, per_prompt, cfg, steps, seed, list(patches), sampler,
-                                                  scheduler))
+                                                  scheduler, MODELS[model]))
         images = [_collected[str(i)] for i in range(len(captions))]
     seconds = time.perf_counter() - started
     images = torch.cat(images).permute(0, 3, 1, 2).float()
     judge = oracle.load()
     pack_nodes = comfy_host.pack_module("nodes.reference_model")
-    row = {"name": name, "cfg": cfg, "patches": [list(p) for p in patches], "workflow": workflow, "prompts": prompts,
+    row = {"name": name, "model": model, "scheduler": scheduler, "cfg": cfg, "patches": [list(p) for p in patches],
+           "workflow": workflow, "prompts": prompts,
            "per_prompt": per_prompt, "steps": steps, "seed": seed, "seconds_per_image": seconds / len(images),
            **score(images, captions, per_prompt, judge,
-                   real_features(judge, lambda: pack_nodes.TrainFreeReferenceModel().load(
-                       "trainfree_digits.safetensors")[2], out))}
+                   real_features(judge, lambda: pack_nodes.TrainFreeReferenceModel().load(MODELS[model])[2], out,
+                                 model))}
     if against:
         reference = torch.load(os.path.join(out, f"{against}.pt")).float() / 255
         row.update(against=against, psnr=metrics.psnr(images, reference), ssim=metrics.ssim(images, reference))
@@ -149,6 +156,7 @@ def run(name, cfg=7.5, patches=(), workflow=None, prompts=10, per_prompt=8, step
 def format_row(row):
     extra = f"  psnr {row['psnr']:.2f}  ssim {row['ssim']:.3f}" if "psnr" in row else ""
     return (f"{row['name']:<16} digit {row['digit_adherence']:.3f}  colour {row['colour_adherence']:.3f}  "
+            f"background {row['background_adherence']:.3f}  "
             f"FD {row['frechet_distance']:8.2f}  clipped {row['clipped_share']:.4f}  chroma {row['mean_chroma']:.3f}"
             f"  {row['seconds_per_image']:.2f} s/img{extra}")
 
@@ -173,10 +181,14 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--against")
     parser.add_argument("--out", default=OUT)
+    parser.add_argument("--model", choices=sorted(MODELS), default="sd15",
+                        help="reference model: sd15 (trainfree_digits) or flux (trainfree_digits_flux)")
+    parser.add_argument("--sampler", default="euler")
+    parser.add_argument("--scheduler", default="normal")
     args = parser.parse_args()
     patches = [(p[0], {k: _value(v) for k, v in (kv.split("=", 1) for kv in p[1:])}) for p in args.patch]
     row = run(args.name, args.cfg, patches, args.workflow, args.prompts, args.per_prompt, args.steps, args.seed,
-              args.against, args.out)
+              args.against, args.out, args.sampler, args.scheduler, args.model)
     print(format_row(row))
 
 

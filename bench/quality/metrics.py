@@ -38,6 +38,15 @@ def nearest_colour(rgb, palette):
     return [names[i] for i in (a @ b.T).argmax(dim=1).tolist()]
 
 
+def nearest_background(images, backgrounds):
+    """Name of the background (``{name: (low, high) grey level}``) whose range middle is closest to each image's
+    border grey level."""
+    names = list(backgrounds)
+    middles = torch.tensor([sum(backgrounds[n]) / 2 for n in names], dtype=images.dtype)
+    grey = border_colour(images).mean(dim=1)
+    return [names[i] for i in (grey[:, None] - middles[None]).abs().argmin(dim=1).tolist()]
+
+
 def clipped_share(images):
     """Share of channel values at the ends of the range (0 or 1 within one 8-bit step): over-saturation."""
     return ((images <= CLIP_EPS) | (images >= 1 - CLIP_EPS)).float().mean().item()

@@ -41,3 +41,14 @@ def test_frechet_distance_is_zero_for_equal_sets_and_grows_with_a_shift():
     assert abs(metrics.frechet_distance(x, x)) < 1e-6
     assert math.isclose(metrics.frechet_distance(x, x + 2.0), 8 * 4.0, rel_tol=1e-6)  # |mu shift|^2, same covariance
     assert metrics.frechet_distance(x, x * 2) > 1.0
+
+
+def test_nearest_background_reads_the_rendered_background_under_any_colour():
+    scans, _ = digits.load_scans()
+    for name, (low, high) in digits.BACKGROUNDS.items():
+        for level in (low, high):
+            for rgb in digits.COLOURS.values():
+                image = digits.render(scans[:3], [rgb] * 3, [level] * 3, torch.tensor([[0, 0], [10, -10], [-10, 10]]))
+                assert metrics.nearest_background(image, digits.BACKGROUNDS) == [name] * 3
+    grey = flat((0.3, 0.3, 0.3)), flat((0.7, 0.7, 0.7))  # either side of the middle between the two ranges
+    assert metrics.nearest_background(torch.cat(grey), digits.BACKGROUNDS) == ["dark"] * 2 + ["light"] * 2
