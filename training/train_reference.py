@@ -306,7 +306,7 @@ def start(doc, seed, **step_options):
     the CPU; returns (options, the pack's host adapter)."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     for name, default in step_options.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=default)
+        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
