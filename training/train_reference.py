@@ -211,7 +211,8 @@ def copies_for_backward():
 def train_denoiser(net, batch_loss, name, steps, lr, warmup=500, ema_decay=0.999, seed=SEED + 3, save_every=500):
     """AdamW (weight decay 0.01, gradient clip 1, linear warm-up) on ``batch_loss(generator)`` up to ``steps`` steps
     in all, with an EMA of ``net``'s weights; checkpointed to training/work/``name`` every ``save_every`` steps and
-    resumed from there. Step n draws from a generator seeded with ``seed + n``, so a resumed run equals an uninterrupted one.
+    resumed from there. Step n draws from a generator seeded with ``seed + n``, so a resumed run equals an
+    uninterrupted one.
     Returns (EMA state, steps, seconds)."""
     path = checkpoint_path(name)
     ema = copy.deepcopy(net.state_dict())
