@@ -211,7 +211,8 @@ def copies_for_backward():
 def train_denoiser(net, batch_loss, name, steps, lr, warmup=500, ema_decay=0.999, seed=SEED + 3, save_every=500):
     """AdamW (weight decay 0.01, gradient clip 1, linear warm-up) on ``batch_loss(generator)`` up to ``steps`` steps
     in all, with an EMA of ``net``'s weights; checkpointed to training/work/``name`` every ``save_every`` steps and
-    resumed from there. Step n draws from a generator seeded with ``seed + n``, so a resumed run equals an uninterrupted one.
+    resumed from there. Step n draws from a generator seeded with ``seed + n``, so a resumed run equals an
+    uninterrupted one.
     Returns (EMA state, steps, seconds)."""
     path = checkpoint_path(name)
     ema = copy.deepcopy(net.state_dict())
@@ -306,7 +307,7 @@ def start(doc, seed, **step_options):
     the CPU; returns (options, the pack's host adapter)."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     for name, default in step_options.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=default)
+        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:

@@ -1,7 +1,7 @@
 """Write docs/quality.md: per reference model (SD1.5-class and Flux-class), the CFG baseline and one row per
 technique, with image grids.
 
-    python -m bench.quality.report            # about 30 minutes on a 2-core CPU
+    python -m bench.quality.report            # about 10 minutes on a 2-core CPU
     python -m bench.quality.report --model flux   # one model's section only (the other's is kept)
 
 Every number in docs/quality.md comes from this command (10 prompts x 8 seeds, 20 Euler steps, 128x128; the

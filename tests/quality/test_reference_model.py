@@ -46,16 +46,29 @@ def test_each_reference_model_is_its_family_to_comfyui(model, family, latent_cha
     assert cond.shape[-1] == pooled.shape[-1] == 64
 
 
-def test_cfg_baseline_shows_the_textbook_effects(harness):
-    """Small sample (10 prompts x 3 images, 15 steps; the full table in docs/quality.md uses 80 images). Measured
-    here: digit adherence 0.53 -> 0.63 and colour adherence 0.57 -> 0.63 from scale 1 to 5; clipped share
-    0.032 -> 0.053 and chroma 0.186 -> 0.222 from scale 5 to 12. Tolerances: adherence must rise by at least
-    half of that (0.05 and 0.03), saturation by at least half (0.01 and 0.018)."""
-    rows = {w: harness(f"cfg_{w}", cfg=w, prompts=10, per_prompt=3, steps=15) for w in (1.0, 5.0, 12.0)}
-    assert rows[5.0]["digit_adherence"] >= rows[1.0]["digit_adherence"] + 0.05
-    assert rows[5.0]["colour_adherence"] >= rows[1.0]["colour_adherence"] + 0.03
-    assert rows[12.0]["clipped_share"] >= rows[5.0]["clipped_share"] + 0.01
-    assert rows[12.0]["mean_chroma"] >= rows[5.0]["mean_chroma"] + 0.018
+# Measured on the small sample (10 prompts x 3 images = 30, 15 Euler steps; docs/quality.md uses 80 images, 20
+# steps): (metric, lower scale, higher scale, measured there at the two scales, the rise the test requires).
+# Each required rise is at most half the measured one; for adherence that leaves a margin of 4 (SD1.5 digits),
+# 3 (SD1.5 colour) and 6 (Flux digits) of the 30 images.
+CFG_EFFECTS = {
+    "sd15": [("digit_adherence", 1.0, 5.0, (0.767, 1.000), 0.10),
+             ("colour_adherence", 1.0, 5.0, (0.800, 1.000), 0.10),
+             ("clipped_share", 5.0, 12.0, (0.0521, 0.0792), 0.01)],
+    "flux": [("digit_adherence", 1.0, 5.0, (0.400, 0.800), 0.20),
+             ("clipped_share", 5.0, 12.0, (0.0677, 0.0896), 0.01)],
+}
+
+
+@pytest.mark.parametrize("model", sorted(CFG_EFFECTS))
+def test_cfg_baseline_shows_the_textbook_effects(harness, model):
+    """Prompt adherence rises from CFG 1 to 5 and over-saturation from 5 to 12 (the Flux-class model draws colour
+    and background right even at CFG 1, so its digit adherence carries the adherence check)."""
+    scheduler = {"sd15": "normal", "flux": "simple"}[model]
+    rows = {w: harness(f"{model}_cfg_{w:g}", cfg=w, prompts=10, per_prompt=3, steps=15, model=model,
+                       scheduler=scheduler) for w in (1.0, 5.0, 12.0)}
+    for metric, low, high, _, rise in CFG_EFFECTS[model]:
+        assert rows[high][metric] >= rows[low][metric] + rise, (metric, low, high, rows[low][metric],
+                                                                rows[high][metric])
 
 
 def test_the_flux_reference_model_takes_real_cfg_not_flux_guidance():
