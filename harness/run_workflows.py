@@ -80,6 +80,18 @@ def node_definitions():
 
 
 REFERENCE_LOADER = {"class_type": "TrainFreeReferenceModel", "inputs": {"model_file": "trainfree_digits.safetensors"}}
+# The reference model of each family a workflow can be made for: its file, its empty-latent node and, for the
+# Flux-class model (no guidance embedding, so FluxGuidance does nothing), the CFG scale it is guided with.
+REFERENCE_FILES = {"sd15": "trainfree_digits.safetensors", "flux": "trainfree_digits_flux.safetensors"}
+REFERENCE_LATENT_NODES = {"sd15": "EmptyLatentImage", "flux": "EmptySD3LatentImage"}
+FLUX_REFERENCE_CFG = 5.0
+
+
+def reference_family(workflow):
+    """'flux' for a Flux workflow (it loads a Flux text-encoder pair), else 'sd15' (SD1.5 / SDXL workflows run on
+    the SD1.5-class model)."""
+    return "flux" if any(n["type"] == "DualCLIPLoader" and "flux" in n.get("widgets_values", [])
+                         for n in workflow["nodes"]) else "sd15"
 REFERENCE_OUTPUTS = ("MODEL", "CLIP", "VAE")
 REFERENCE_SIZE = 128
 
@@ -131,12 +143,14 @@ def _text_node(nodes, links, target, input_name):
 
 
 def reference_workflow(workflow, steps=6, batch=1, caption=DIGIT_CAPTION, seed=None):
-    """A UI workflow (editor format) rewired onto the reference model, as a user would do by hand: each loader
-    replaced by the reference-model loader, latents made 128x128 SD1.5 latents of ``batch`` images, KSampler's
-    steps set to ``steps`` (and its seed to ``seed``), its positive prompt to ``caption`` and its negative to "".
-    Family-specific nodes that only add conditioning (FluxGuidance) stay; the SD1.5 model ignores them. The browser
-    tests load this; ``to_reference_prompt`` converts it."""
+    """A UI workflow (editor format) rewired onto the reference model of its family (``reference_family``), as a
+    user would do by hand: each loader replaced by the reference-model loader, latents made 128x128 latents of
+    ``batch`` images for that model, KSampler's steps set to ``steps`` (and its seed to ``seed``), its positive
+    prompt to ``caption`` and its negative to "". On the Flux-class model, which has no guidance embedding, the
+    CFG scale is set to ``FLUX_REFERENCE_CFG``; FluxGuidance stays (the model ignores it), and so it does on SD1.5.
+    The browser tests load this; ``to_reference_prompt`` converts it."""
     workflow = json.loads(json.dumps(workflow))
+    family = reference_family(workflow)
     nodes = {node["id"]: node for node in workflow["nodes"]}
     links = {link[0]: link for link in workflow["links"]}
     moved = {}
@@ -149,14 +163,16 @@ def reference_workflow(workflow, steps=6, batch=1, caption=DIGIT_CAPTION, seed=N
             for old_slot, output in enumerate(node.get("outputs", [])):
                 outputs[slots[old_slot]]["links"] = list(output.get("links") or [])
             node.update(type=REFERENCE_LOADER["class_type"], inputs=[], outputs=outputs,
-                        widgets_values=[REFERENCE_LOADER["inputs"]["model_file"]])
+                        widgets_values=[REFERENCE_FILES[family]])
             node.setdefault("properties", {})["Node name for S&R"] = node["type"]
         elif kind in LATENT_NODES:
-            node.update(type="EmptyLatentImage", widgets_values=[REFERENCE_SIZE, REFERENCE_SIZE, batch])
+            node.update(type=REFERENCE_LATENT_NODES[family], widgets_values=[REFERENCE_SIZE, REFERENCE_SIZE, batch])
         elif kind == "KSampler":
             values = node["widgets_values"]  # seed, its control entry, steps, cfg, ...
             values[2] = steps
             values[0] = values[0] if seed is None else seed
+            if family == "flux":
+                values[3] = FLUX_REFERENCE_CFG
             _text_node(nodes, links, node, "positive")["widgets_values"][0] = caption
             _text_node(nodes, links, node, "negative")["widgets_values"][0] = ""
     for link in workflow["links"]:
