@@ -35,12 +35,12 @@ def check(paths):
             runs.append(json.load(f))
     names = sorted({name for run in runs for name in run["probes"]})
     hosts = [run["host"].split(" ")[0] for run in runs]
-    print("feature probe".ljust(36) + "".join(h.ljust(12) for h in hosts) + "kind")
+    print("feature probe".ljust(36) + "".join(h.ljust(18) for h in hosts) + "kind")
     failures = []
     for name in names:
         values = [run["probes"].get(name, [None, None])[0] for run in runs]
         kind = next(run["probes"][name][1] for run in runs if name in run["probes"])
-        print(name.ljust(36) + "".join(str(v).ljust(12) for v in values) + kind)
+        print(name.ljust(36) + "".join(str(v).ljust(18) for v in values) + kind)
         if kind == "branch" and len(runs) > 1 and len({json.dumps(v) for v in values if v is not None}) < 2:
             failures.append(f"{name}: every host takes the same branch ({values[0]}); the other is untested")
         if kind == "requirement" and not all(values):
