@@ -218,7 +218,7 @@ def test_patches_that_set_cfg_per_step_refuse_a_guider_that_does_not_read_it(tin
 def test_a_latent_of_another_family_is_named_once_however_many_patches(tiny, host):
     import comfy.patcher_extension as pe
     patched = fdg(apg(tiny("sd15")))
-    assert len(patched.wrappers[pe.WrappersMP.OUTER_SAMPLE][host._LATENT_GUARD]) == 1
+    assert len(patched.wrappers[pe.WrappersMP.OUTER_SAMPLE][host.runs._LATENT_GUARD]) == 1
     for model in (fdg(tiny("sd15")), patched):
         with pytest.raises(ValueError, match="16 channels but this model .SD1.5. works on 4-channel"):
             sample(model, "sd3")  # an SD3 latent (16 channels) and conditioning into an SD1.5 model

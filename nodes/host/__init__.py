@@ -1,0 +1,33 @@
+"""The host adapter: the only code of the pack that touches ComfyUI internals, one module per mechanism.
+
+- ``family``: which model a patch is given (family, attention sites, sigma / timestep / prediction space);
+- ``runs``: per-run state (``RunScope``) and the latent check;
+- ``evaluation``: hooks on the sampler's model evaluations (guidance terms, CFG per step, a second model, an
+  extra conditional pass);
+- ``attention``: perturbed self-attention on UNets and DiTs;
+- ``building``: models built from ComfyUI's own classes (the reference models).
+
+A new mechanism (an own sampling loop, gradients through the model, caches across steps, a cascade of
+resolutions) gets a module of its own here. Everything goes through ComfyUI's sanctioned hooks; differences
+between ComfyUI versions are found by feature probes (listed by ``probes()``), never by version strings. Node
+modules use this package and ``guidance_ops``, nothing else.
+"""
+from .attention import FLUX_STATES_IMG_SLICE, HAS_ATTENTION_OVERRIDE, perturb_self_attention
+from .building import (build_diffusion_model, build_flux_text_encoder, build_kl_autoencoder, build_sd1_text_encoder,
+                       flux_state_dict_for_saving, load_reference_model, unpack_weights)
+from .evaluation import (add_extra_cond_pass, add_guidance_delta, add_post_cfg, add_run_conditioning, attach_model,
+                         override_cfg_per_evaluation, predict_with, process_latent_in, replace_uncond_with_guide,
+                         run_conditioning, uncond_pass_runs)
+from .family import (DIT_FAMILIES, FAMILY_NAMES, UNET_FAMILIES, UnsupportedModel, attention_layers, is_flow_model,
+                     model_family, model_sampling, percent_to_sigma, prediction_space, require_family,
+                     require_same_family, same_family, sigma_to_timestep)
+from .runs import CLONE_DEEP_COPIES_OBJECTS, RunScope, Wrappers, check_latent, guard_latent, new_key, run_reports
+
+
+def probes():
+    """The feature probes and the branch this ComfyUI takes: ``{name: (value, kind)}``. A 'branch' probe picks
+    between two code paths that differ between supported versions (the test hosts must cover both); a
+    'requirement' is a hook the pack needs and every supported version has."""
+    return {"clone_deep_copies_objects": (CLONE_DEEP_COPIES_OBJECTS, "branch"),
+            "flux_states_img_slice": (FLUX_STATES_IMG_SLICE, "branch"),
+            "attention_override_hook": (HAS_ATTENTION_OVERRIDE, "requirement")}
