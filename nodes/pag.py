@@ -28,6 +28,7 @@ class PAGRun:
     extra_passes: int = 0
     skipped: int = 0
     hits: dict = field(default_factory=dict)
+    masks: dict = field(default_factory=dict)  # the host's keep-text masks of this run, per token layout
     main_pending: bool = False
     extra_output: object = None
 

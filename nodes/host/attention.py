@@ -187,9 +187,11 @@ def _perturbed_attention_override(previous):
             return call(func, *args, **kwargs)
         q, cou = args[0], to["cond_or_uncond"]
         tokens = q.shape[2] if kwargs.get("skip_reshape", False) else q.shape[1]
-        groups = {}  # where the text sits in this call (None: identity attention) -> chunks
+        groups, scopes = {}, {}  # where the text sits in this call (None: identity attention) -> chunks, a scope
         for mark in marks:
-            groups.setdefault(_text_in_call(mark, tokens), set()).add(mark.chunk)
+            text = _text_in_call(mark, tokens)
+            groups.setdefault(text, set()).add(mark.chunk)
+            scopes.setdefault(text, mark.scope)
         perturbed = set().union(*groups.values())
         rest = ~rows.chunk_rows(cou, q.shape[0], perturbed, device=q.device)
         if rest.all():  # ComfyUI split the batch and the perturbed rows are in another call
@@ -204,7 +206,8 @@ def _perturbed_attention_override(previous):
             if text is None:
                 parts.append((sel, _attention_output_layout(args[2][sel], _heads(args, kwargs), kwargs)))
             else:
-                masked = _rows_kwargs(kwargs, sel, [c for c in cou if c in chunks], keep_text=text, dtype=q.dtype)
+                ours = _keep_text_mask(scopes[text], text, q.dtype, q.device)
+                masked = _rows_kwargs(kwargs, sel, [c for c in cou if c in chunks], extra_mask=ours)
                 parts.append((sel, call(func, *_rows_of(args, sel), **masked)))
         if rest.any():
             parts.append((rest, call(func, *_rows_of(args, rest),
@@ -239,20 +242,30 @@ def _rows_of(args, sel):
     return tuple(a[sel] for a in args[:3]) + tuple(args[3:])
 
 
-def _rows_kwargs(kwargs, sel, cond_or_uncond, keep_text=None, dtype=None):
-    """The attention call's keyword arguments for the rows ``sel``; with ``keep_text`` (where the text sits),
-    PAG's mask is added to any mask the model passes."""
+def _keep_text_mask(scope, text, dtype, device):
+    """PAG's keep-text mask for this token layout, made once per run (kept in the run's state, so it goes with
+    the run) rather than in every attention call of every step."""
+    key = (text, dtype, device)
+    masks = scope.state.masks
+    if key not in masks:
+        masks[key] = pag_ops.keep_text_mask(text, dtype=dtype, device=device)
+    return masks[key]
+
+
+def _rows_kwargs(kwargs, sel, cond_or_uncond, extra_mask=None):
+    """The attention call's keyword arguments for the rows ``sel``; ``extra_mask`` (PAG's additive mask) is added
+    to any mask the model passes."""
     out = dict(kwargs)
     out["transformer_options"] = {**kwargs["transformer_options"], "cond_or_uncond": cond_or_uncond,
                                   _PERTURBED: ()}
     mask = kwargs.get("mask")
     if mask is not None and mask.ndim >= 3 and mask.shape[0] == sel.shape[0]:
         mask = mask[sel]
-    if keep_text is not None:
-        ours = pag_ops.keep_text_mask(keep_text, dtype=dtype, device=sel.device)
+    if extra_mask is not None:
+        dtype = extra_mask.dtype
         if mask is not None and mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
-        mask = ours if mask is None else mask.to(dtype) + ours
+        mask = extra_mask if mask is None else mask.to(dtype) + extra_mask
     if mask is not None:
         out["mask"] = mask
     return out
