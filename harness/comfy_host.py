@@ -66,10 +66,11 @@ def boot():
 
 def pack_module(name):
     """A module of the loaded pack by its dotted name inside the pack ('' for the pack, 'nodes.host', ...)."""
-    target = os.path.join(PACK_DIR, *name.split(".")) if name else PACK_DIR
+    target = os.path.realpath(os.path.join(PACK_DIR, *name.split(".")) if name else PACK_DIR)
     candidates = (target + ".py", os.path.join(target, "__init__.py"))
-    for module in list(sys.modules.values()):
-        if getattr(module, "__file__", None) in candidates:
+    for module in list(sys.modules.values()):  # a server loads the pack through a link in custom_nodes/
+        path = getattr(module, "__file__", None)
+        if path and os.path.realpath(path) in candidates:
             return module
     raise KeyError(f"pack module {name!r} is not loaded")
 

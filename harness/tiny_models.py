@@ -53,32 +53,20 @@ def init_fan_in(module, seed):
                 b.copy_(torch.randn(b.shape, generator=g) * 0.1)
 
 
-def _config(family):
-    import comfy.supported_models as sm
-    import comfy.ldm.flux.model as flux
-    if family == "flux":
-        unet = dict(_FLUX)
-        if "txt_ids_dims" in flux.FluxParams.__dataclass_fields__:  # a required field on newer ComfyUI
-            unet["txt_ids_dims"] = []
-        return sm.Flux, unet
-    return {"sd15": (sm.SD15, _SD15), "sdxl": (sm.SDXL, _SDXL), "sd3": (sm.SD3, _SD3),
-            VIDEO_FAMILY: (sm.WAN21_T2V, _WAN21)}[family]
+_CONFIGS = {"sd15": ("SD15", _SD15), "sdxl": ("SDXL", _SDXL), "sd3": ("SD3", _SD3), "flux": ("Flux", _FLUX),
+            VIDEO_FAMILY: ("WAN21_T2V", _WAN21)}
 
 
-def make_model(family, seed=0, dtype=torch.float32):
-    """A ModelPatcher around a tiny random model of ``family`` whose weights and inference are in ``dtype``.
-
-    ``dtype`` goes through ``set_inference_dtype`` with no manual cast, as ComfyUI loads a float16 / bfloat16
-    checkpoint on a GPU that computes in that dtype; the weights are the float32 ones of ``seed`` rounded to it.
-    """
-    import comfy.model_patcher
-    cls, unet = _config(family)
-    config = cls(dict(unet))
-    config.set_inference_dtype(dtype, None)
-    cpu = torch.device("cpu")
-    model = config.get_model({}, device=cpu)
-    init_fan_in(model.diffusion_model, seed)
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+def make_model(family, seed=0, dtype=torch.float32, **unet_config):
+    """A ModelPatcher around a tiny random model of ``family`` (``unet_config`` entries override the tiny
+    config's) whose weights and inference are in ``dtype``, built by the host adapter the way it builds the
+    reference models; the weights are the float32 ones of ``seed`` rounded to ``dtype``."""
+    from harness import comfy_host
+    config_name, unet = _CONFIGS[family]
+    model = comfy_host.pack_module("nodes.host").build_diffusion_model(config_name, {**unet, **unet_config},
+                                                                       dtype=dtype)
+    init_fan_in(model.model.diffusion_model, seed)
+    return model
 
 
 _CLIP_CONFIG = {"architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0,

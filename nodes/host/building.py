@@ -18,12 +18,14 @@ def _host_unet_config(unet_config):
     return config
 
 
-def build_diffusion_model(config_name, unet_config, state_dict=None):
-    """A ModelPatcher around ``comfy.supported_models.<config_name>`` with ``unet_config`` (float32)."""
+def build_diffusion_model(config_name, unet_config, state_dict=None, dtype=torch.float32):
+    """A ModelPatcher around ``comfy.supported_models.<config_name>`` with ``unet_config``, weights and inference
+    in ``dtype`` (through ``set_inference_dtype`` with no manual cast, as ComfyUI loads a half checkpoint on a GPU
+    that computes in it)."""
     import comfy.model_management as mm
     import comfy.model_patcher
     config = getattr(comfy.supported_models, config_name)(_host_unet_config(unet_config))
-    config.set_inference_dtype(torch.float32, None)
+    config.set_inference_dtype(dtype, None)
     model = config.get_model({}, device=torch.device("cpu"))
     if state_dict is not None:  # files use the families' original key names; each host renames them its way
         model.diffusion_model.load_state_dict(config.process_unet_state_dict(dict(state_dict)), strict=True)

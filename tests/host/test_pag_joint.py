@@ -158,15 +158,8 @@ def test_flux_single_block_text_length_reaches_the_mask_on_a_latent_of_another_s
 def test_sd35_image_only_attention_of_a_perturbed_block_gets_the_identity(pack):
     # SD3.5's dual-attention blocks run a second attention over the image tokens alone: it holds no text, so
     # the perturbed rows get the identity there (no call), and the masked joint call as elsewhere.
-    import comfy.model_patcher
     from harness import tiny_models
-    cls, unet = tiny_models._config("sd3")
-    config = cls(dict(unet, x_block_self_attn_layers=[1]))
-    config.set_inference_dtype(torch.float32, None)
-    net = config.get_model({}, device=torch.device("cpu"))
-    tiny_models.init_fan_in(net.diffusion_model, 0)
-    cpu = torch.device("cpu")
-    model = comfy.model_patcher.ModelPatcher(net, load_device=cpu, offload_device=cpu)
+    model = tiny_models.make_model("sd3", x_block_self_attn_layers=[1])
     recorder = ProbabilityRecorder(model)
     sample(pag(model, layers="double.1"), "sd3", steps=1)
     calls = [(sorted(cou), p) for _, cou, p in recorder.calls]
