@@ -95,8 +95,12 @@ def add_run_conditioning(model, key, conditioning):
     import comfy.sampler_helpers
 
     def outer_sample(executor, *args, **kwargs):
-        executor.class_obj.conds[key] = comfy.sampler_helpers.convert_cond(conditioning)
-        return executor(*args, **kwargs)
+        conds = executor.class_obj.conds
+        conds[key] = comfy.sampler_helpers.convert_cond(conditioning)
+        try:
+            return executor(*args, **kwargs)
+        finally:  # a guider may be reused (a cached SamplerCustomAdvanced input): leave its conds as they were
+            conds.pop(key, None)
     model.add_wrapper_with_key(Wrappers.OUTER_SAMPLE, key, outer_sample)
 
 
