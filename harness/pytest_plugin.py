@@ -25,18 +25,11 @@ def pytest_report_header(config):
 
 def pytest_sessionstart(session):
     """Name the host in the JUnit report, so each result says which ComfyUI it came from."""
-    xml = getattr(session.config, "_store", {}).get(_junit_key(), None) if _junit_key() else None
+    from _pytest.junitxml import xml_key
+    xml = session.config.stash.get(xml_key, None)
     if xml is not None:
         from harness import comfy_host
         xml.add_global_property("comfyui_host", comfy_host.host_label())
-
-
-def _junit_key():
-    try:
-        from _pytest.junitxml import xml_key
-        return xml_key
-    except ImportError:
-        return None
 
 
 def pytest_sessionfinish(session):
