@@ -17,28 +17,12 @@ import time
 import torch
 
 from bench.quality import metrics, oracle
-from harness import comfy_host, run_workflows
+from harness import collect, comfy_host, run_workflows
 from training import digits
 
 OUT = os.path.join(comfy_host.PACK_DIR, "bench", "output", "quality")
 MODELS = {"sd15": "trainfree_digits.safetensors", "flux": "trainfree_digits_flux.safetensors"}
-_collected = {}
-
-
-class HarnessCollectImages:
-    """Output node that hands the decoded images back to the harness instead of writing files."""
-    CATEGORY = "harness"
-    FUNCTION = "collect"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ()
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"images": ("IMAGE",), "key": ("STRING", {"default": "0"})}}
-
-    def collect(self, images, key):
-        _collected[key] = images.detach().clone()
-        return {"ui": {}}
+HarnessCollectImages, _collected = collect.collector("images", "IMAGE")
 
 
 def prompt_set(count):

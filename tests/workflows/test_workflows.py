@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from harness import comfy_host, run_workflows
+from harness import collect, comfy_host, run_workflows
 from harness.workflow_api import WorkflowError, ui_to_api
 
 PATHS = run_workflows.workflow_paths()
@@ -18,23 +18,7 @@ NEUTRAL = {"TrainFreePAG": {"scale": 0.0},
            "TrainFreeAPG": {"eta": 1.0, "norm_threshold": 0.0, "momentum": 0.0},
            "TrainFreeGuidanceInterval": {"sigma_low": 0.0, "sigma_high": 1000.0},
            "TrainFreeNoiseDampedCFG": {"damped_percent": 0.0}}
-_latents = {}
-
-
-class _CollectLatent:
-    """Test-only output node: keeps the sampler's latent for the test."""
-    CATEGORY = "harness"
-    FUNCTION = "collect"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ()
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"samples": ("LATENT",), "key": ("STRING", {"default": ""})}}
-
-    def collect(self, samples, key):
-        _latents[key] = samples["samples"].detach().clone()
-        return {"ui": {}}
+_CollectLatent, _latents = collect.collector("samples", "LATENT", take=lambda samples: samples["samples"])
 
 
 @pytest.fixture(scope="module")
