@@ -3,7 +3,7 @@ process, shows in its report."""
 import torch
 
 from conftest import run_node, sample
-from harness import comfy_host, leak_probe
+from harness import leak_probe
 
 
 def _apg(model):
