@@ -5,7 +5,10 @@
 - ``evaluation``: hooks on the sampler's model evaluations (guidance terms, CFG per step, a second model, an
   extra conditional pass);
 - ``attention``: perturbed self-attention on UNets and DiTs;
-- ``building``: models built from ComfyUI's own classes (the reference models).
+- ``building``: models built from ComfyUI's own classes (the reference models);
+- ``sampling_loop``: the pack's own sampling loops run inside ComfyUI's guider (inversion and its replay);
+- ``gradients``: gradients through the model despite ComfyUI's inference mode (null-text inversion);
+- ``inversion_store``: inversions as files in ComfyUI's folders, and the model fingerprint they carry.
 
 A new mechanism (an own sampling loop, gradients through the model, caches across steps, a cascade of
 resolutions) gets a module of its own here. Everything goes through ComfyUI's sanctioned hooks; differences
@@ -18,6 +21,12 @@ from .building import (build_diffusion_model, build_flux_text_encoder, build_kl_
 from .evaluation import (add_extra_cond_pass, add_guidance_delta, add_post_cfg, add_run_conditioning, attach_model,
                          override_cfg_per_evaluation, predict_with, process_latent_in, replace_uncond_with_guide,
                          run_conditioning, uncond_pass_runs)
+from .gradients import differentiating, trainable
+from .inversion_store import as_conditioning, conditioning_tensors, fingerprint
+from .inversion_store import load as load_inversion
+from .inversion_store import save as save_inversion
+from .inversion_store import saved_names as saved_inversions
+from .sampling_loop import run_loop
 from .family import (DIT_FAMILIES, FAMILY_NAMES, UNET_FAMILIES, UnsupportedModel, attention_layers, is_flow_model,
                      model_family, model_sampling, percent_to_sigma, prediction_space, require_family,
                      require_same_family, same_family, sigma_to_timestep)
