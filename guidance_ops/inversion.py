@@ -30,14 +30,15 @@ def sample_step(x, sigma, sigma_next, guided, renoise=None):
     return guided + (x - renoise) * (sigma_next / sigma)
 
 
-def invert_step(x, sigma, sigma_next, guided, renoise=None, sigma_eval=None):
-    """The explicit inversion step from ``sigma`` up to ``sigma_next`` with predictions made at ``(x,
-    sigma_eval)`` (DDIM inversion: ``sigma_eval = sigma_next``): x0 from ``renoise`` (Tweedie), renoised with
-    the guided noise."""
+def invert_step(x, sigma, sigma_next, guided, renoise=None, x_eval=None):
+    """The explicit inversion step from ``sigma`` up to ``sigma_next``, with predictions made at ``(x_eval,
+    sigma_next)``: x0 from ``renoise`` (Tweedie), renoised with the guided noise. DDIM inversion shows the network
+    the current latent at the next timestep; in ComfyUI's space that point is ``x_eval`` (``x`` rescaled to the
+    next sigma's input scaling; ``x`` itself for flow models)."""
     renoise = guided if renoise is None else renoise
-    sigma_eval = sigma_next if sigma_eval is None else sigma_eval
-    eps_guided = (x - guided) / sigma_eval
-    eps_renoise = (x - renoise) / sigma_eval
+    x_eval = x if x_eval is None else x_eval
+    eps_guided = (x_eval - guided) / sigma_next
+    eps_renoise = (x_eval - renoise) / sigma_next
     return x - sigma * eps_renoise + sigma_next * eps_guided
 
 
@@ -99,11 +100,11 @@ def optimise_null_embedding(null, predict_uncond, cond, x, sigma, sigma_next, ta
 
 def proximal(delta, quantile, kind="l0"):
     """ProxEdit's proximal operator on the guidance difference, per sample: entries with |delta| below the
-    ``quantile`` of |delta| are zeroed (l0) or shrunk towards zero by it (l1)."""
+    ``quantile`` of |delta| are zeroed (l0) or shrunk towards zero by it (l1); quantile 0 keeps everything."""
     flat = delta.flatten(1).abs().float()
     tau = torch.quantile(flat, quantile, dim=1).to(delta.dtype).view(-1, *[1] * (delta.ndim - 1))
     if kind == "l0":
-        return torch.where(delta.abs() > tau, delta, torch.zeros_like(delta))
+        return torch.where(delta.abs() >= tau, delta, torch.zeros_like(delta))
     return torch.sign(delta) * torch.clamp(delta.abs() - tau, min=0)
 
 
@@ -149,15 +150,17 @@ class Inversion:
 
 # ---------------------------------------------------------------- the loops (the model comes in as callables)
 
-def invert(predict, x0, sigmas, iterations=0, on_step=lambda: None):
+def invert(predict, x0, sigmas, iterations=0, on_step=lambda: None, input_scale=lambda sigma: 1.0):
     """Invert the deterministic sampler over the descending schedule ``sigmas`` starting from the clean latent
-    ``x0``; ``predict(x, sigma)`` gives ``(guided, renoise)`` denoised predictions for the sampler being inverted.
-    Returns the pivots in sampling order (``[0]`` the noise, ``[-1]`` is ``x0``)."""
+    ``x0``; ``predict(x, sigma)`` gives ``(guided, renoise)`` denoised predictions for the sampler being inverted;
+    ``input_scale(sigma)`` is the factor the network's input gets at sigma. Returns the pivots in sampling order
+    (``[0]`` the noise, ``[-1]`` is ``x0``)."""
     ascending = [float(s) for s in sigmas.flip(0)]
     z, pivots = x0, [x0]
     for sigma, sigma_next in zip(ascending[:-1], ascending[1:]):
-        guided, renoise = predict(z, sigma_next)
-        y = invert_step(z, sigma, sigma_next, guided, renoise)
+        x_eval = z * (input_scale(sigma) / input_scale(sigma_next))
+        guided, renoise = predict(x_eval, sigma_next)
+        y = invert_step(z, sigma, sigma_next, guided, renoise, x_eval)
         for _ in range(iterations):
             guided, renoise = predict(y, sigma_next)
             y = fixed_point_update(y, z, sample_step(y, sigma_next, sigma, guided, renoise))

@@ -98,7 +98,7 @@ class TrainFreeInvert:
         def body(loop):
             predict = _predictor(loop, sampler, guidance)
             x0 = loop.latent_in(samples)
-            return ops.invert(predict, x0, loop.sigmas, fixed_point_iterations, loop.step_done)
+            return ops.invert(predict, x0, loop.sigmas, fixed_point_iterations, loop.step_done, loop.input_scale)
 
         pivots = host.run_loop(model, positive, negative, guidance, samples.shape, sigmas, body,
                                steps=(len(sigmas) - 1))
@@ -159,12 +159,10 @@ class TrainFreeNullTextInversion:
                 with torch.no_grad():
                     return loop.denoise(x, sigma, 1.0)
 
-            def scale(sigma):
-                return float(loop.input_space(sigma, torch.ones(1, device=loop.device)))
             with host.differentiating(model, "null-text inversion"):
                 nulls, report = ops.null_text_inversion(
                     pivots, loop.sigmas, null, predict_cond, loop.uncond_with_grad, cfg, inner_steps, learning_rate,
-                    early_stop, scale, on_step=loop.step_done)
+                    early_stop, loop.input_scale, on_step=loop.step_done)
             return nulls, report
 
         nulls, report = host.run_loop(trainable, positive, negative, cfg, inversion.pivots.shape[1:],

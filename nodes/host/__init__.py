@@ -22,7 +22,8 @@ from .evaluation import (add_extra_cond_pass, add_guidance_delta, add_post_cfg, 
                          override_cfg_per_evaluation, predict_with, process_latent_in, replace_uncond_with_guide,
                          run_conditioning, uncond_pass_runs)
 from .gradients import differentiating, trainable
-from .inversion_store import as_conditioning, conditioning_tensors, fingerprint
+from .inversion_store import SUBFOLDER, as_conditioning, conditioning_tensors, fingerprint
+from .inversion_store import file_stamp as inversion_file_stamp
 from .inversion_store import load as load_inversion
 from .inversion_store import save as save_inversion
 from .inversion_store import saved_names as saved_inversions

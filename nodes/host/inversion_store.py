@@ -4,6 +4,7 @@ import json
 import os
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import folder_paths
@@ -60,6 +61,22 @@ def saved_names():
     return sorted(names)
 
 
+def _path(name):
+    if name not in saved_names() or os.path.basename(name) != name:
+        raise FileNotFoundError(f"no inversion named {name!r} in ComfyUI's output/{SUBFOLDER} or input/{SUBFOLDER} "
+                                f"folders: save one with TrainFree Save Inversion, or copy the file there")
+    return next(os.path.join(f, name) for f in folders() if os.path.isfile(os.path.join(f, name)))
+
+
+def file_stamp(name):
+    """Changes when the file does (ComfyUI then reloads it)."""
+    try:
+        stat = os.stat(_path(name))
+    except FileNotFoundError:
+        return float("nan")  # never equal: the loader runs and reports the missing file
+    return f"{stat.st_mtime_ns}-{stat.st_size}"
+
+
 def save(inversion, prefix):
     """Write to ComfyUI's output/inversions as ``<prefix>_NNNNN.safetensors``; returns the file name."""
     if not prefix or any(c in prefix for c in "/\\:") or prefix.startswith("."):
@@ -85,11 +102,7 @@ def save(inversion, prefix):
 
 def load(name):
     """Read an inversion saved by ``save`` (from output/inversions or input/inversions); only listed names."""
-    if name not in saved_names() or os.path.basename(name) != name:
-        raise FileNotFoundError(f"no inversion named {name!r} in ComfyUI's output/{SUBFOLDER} or input/{SUBFOLDER} "
-                                f"folders: save one with TrainFree Save Inversion, or copy the file there")
-    path = next(os.path.join(f, name) for f in folders() if os.path.isfile(os.path.join(f, name)))
-    from safetensors import safe_open
+    path = _path(name)
     with safe_open(path, "pt") as handle:
         meta = json.loads((handle.metadata() or {}).get("trainfree_inversion", "null") or "null")
     if meta is None:

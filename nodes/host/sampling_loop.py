@@ -87,6 +87,11 @@ class Loop:
         """``x`` in the network's input scaling (the paper's latent space for eps models)."""
         return self.sampling.calculate_input(torch.as_tensor(sigma, device=x.device), x)
 
+    def input_scale(self, sigma):
+        """The factor the network's input gets at ``sigma`` (1 / sqrt(sigma^2 + 1) for eps / v models, 1 for flow)."""
+        one = torch.ones(1, device=self.device)
+        return float(self.sampling.calculate_input(torch.as_tensor(sigma, device=self.device), one))
+
     def latent_in(self, latent):
         return self._guider.inner_model.process_latent_in(latent.to(self.device, torch.float32))
 
