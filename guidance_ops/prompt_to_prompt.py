@@ -218,7 +218,7 @@ def word_mask(maps, tokens, size, threshold):
     maps averaged over heads and layers; they are summed over the word's tokens, max-pooled 3x3, upsampled
     (nearest) to ``size``, divided by their max and thresholded."""
     if not tokens:
-        return maps.new_zeros((maps.shape[0], 1) + tuple(size))
+        return torch.zeros((maps.shape[0], 1) + tuple(size), dtype=torch.bool, device=maps.device)
     word = maps[..., list(tokens)].sum(-1).unsqueeze(1)
     word = F.max_pool2d(word, 3, stride=1, padding=1)
     word = F.interpolate(word, size=tuple(size))
