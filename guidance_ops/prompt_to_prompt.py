@@ -235,5 +235,6 @@ def blend_mask(source_maps, target_maps, plan, size):
 
 
 def blend(source_x, target_x, mask):
-    """The target latent kept equal to the source latent outside ``mask``."""
-    return source_x + mask.to(target_x.dtype) * (target_x - source_x)
+    """The target latent kept equal to the source latent outside ``mask``: source + mask * (target - source), by
+    torch.lerp, which is exact at both ends (mask 0 gives the source, 1 the target, bit for bit)."""
+    return torch.lerp(source_x, target_x, mask.to(target_x.dtype).expand_as(target_x))
