@@ -118,7 +118,9 @@ def _check_same_positions(source_ids, target_ids, mode):
 
 
 def _at(start, stop):
-    return "" if stop <= start else f" at position {start}" if stop == start + 1 else f" at positions {start}-{stop - 1}"
+    if stop <= start:
+        return ""
+    return f" at position {start}" if stop == start + 1 else f" at positions {start}-{stop - 1}"
 
 
 def align_tokens(source_ids, target_ids):
