@@ -51,22 +51,31 @@ def _count_hit(scope, layer):
         state.hits[layer] = state.hits.get(layer, 0) + 1
 
 
-def _unet_attention(q, k, v, extra_options, **kwargs):
+def unet_attention(q, k, v, extra_options, **kwargs):
+    """What a UNet attention layer computes when no replace patch is registered."""
     return comfy_attention.optimized_attention(q, k, v, extra_options["n_heads"],
                                                attn_precision=extra_options.get("attn_precision"),
                                                transformer_options=extra_options)
 
 
-def _perturb_unet(model, layers, scope):
+def chain_unet_replace(model, which, kind, block, transformers, link):
+    """Register ``link(previous)`` as the ``which`` ('attn1' / 'attn2') replace patch of UNet block (kind, block),
+    for the transformers in ``transformers`` (None: all). ``previous`` is what ran there before: another patch or
+    ComfyUI's attention. Registered at (block, id) like core nodes do, and also around any per-transformer patch
+    already there, since ComfyUI looks up (block, id, transformer) first and it would shadow ours."""
     replace = model.model_options.setdefault("transformer_options", {}).setdefault(
-        "patches_replace", {}).setdefault("attn1", {})
+        "patches_replace", {}).setdefault(which, {})
+    keys = [(kind, block)] + [k for k in replace if len(k) == 3 and k[:2] == (kind, block)
+                              and (transformers is None or k[2] in transformers)]
+    for target in keys:
+        replace[target] = link(replace.get(target, unet_attention))
+
+
+def _perturb_unet(model, layers, scope):
     for (kind, block), transformers in group_by_block(layers).items():
-        # Register at (block, id) like core nodes do, and also wrap any per-transformer patch already there,
-        # since ComfyUI looks up (block, id, transformer) first and it would shadow ours.
-        keys = [(kind, block)] + [k for k in replace if len(k) == 3 and k[:2] == (kind, block)
-                                  and (transformers is None or k[2] in transformers)]
-        for target in keys:
-            replace[target] = _unet_link(replace.get(target, _unet_attention), kind, block, transformers, scope)
+        chain_unet_replace(model, "attn1", kind, block, transformers,
+                           lambda previous, kind=kind, block=block, transformers=transformers:
+                           _unet_link(previous, kind, block, transformers, scope))
 
 
 def _unet_link(previous, kind, block, transformers, scope):
