@@ -1,7 +1,7 @@
 """ComfyUI adapters: one module per technique, all going through ``host``."""
-from . import apg, fdg, interval, inversion, noise_damped, pag, reference_model, residual_cfg, two_model
+from . import apg, fdg, flowopt, interval, inversion, noise_damped, pag, reference_model, residual_cfg, two_model
 
-_MODULES = (reference_model, pag, apg, fdg, interval, noise_damped, residual_cfg, two_model, inversion)
+_MODULES = (reference_model, pag, apg, fdg, interval, noise_damped, residual_cfg, two_model, inversion, flowopt)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
