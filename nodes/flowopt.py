@@ -7,7 +7,7 @@ from ..guidance_ops import flowopt as ops
 from ..guidance_ops.inversion import Inversion
 from . import host
 from .base import check_numbers
-from .inversion import CATEGORY, INVERSION, _check_model, _inversion_input, _predictor
+from .inversion import CATEGORY, INVERSION, check_inversion_model, inversion_input, predictor
 
 log = logging.getLogger("trainfree")
 TITLE = "TrainFree FlowOpt"
@@ -30,7 +30,7 @@ class TrainFreeFlowOpt:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The SD3 or Flux model the inversion was made with."}),
-            "inversion": _inversion_input("An inversion of the source image from TrainFree Invert (sampler euler, "
+            "inversion": inversion_input("An inversion of the source image from TrainFree Invert (sampler euler, "
                                           "guidance 1, the source prompt): its latent at step steps - n_max is "
                                           "the starting point, its last latent the image to stay close to."),
             "positive": ("CONDITIONING", {"tooltip": "The target prompt (the edit); the source prompt reconstructs "
@@ -61,7 +61,7 @@ class TrainFreeFlowOpt:
         if not host.is_flow_model(model):
             raise host.UnsupportedModel(f"{TITLE} is stated for rectified-flow models; this {family} model samples "
                                         f"another way: connect an SD3 or Flux model with its own sampling")
-        _check_model(inversion, model)
+        check_inversion_model(inversion, model)
         if inversion.sampler != "euler":
             raise ValueError(f"FlowOpt samples with the Euler step; this inversion was made for sampler "
                              f"'{inversion.sampler}': invert with sampler euler")
@@ -77,7 +77,7 @@ class TrainFreeFlowOpt:
 
         def body(loop):
             pivots = inversion.pivots.to(loop.device)
-            sample_from = ops.sampler_from(_predictor(loop, "euler", cfg), loop.sigmas, loop.step_done)
+            sample_from = ops.sampler_from(predictor(loop, "euler", cfg), loop.sigmas, loop.step_done)
 
             def watch(k, x, output, error):
                 log.info("TrainFree FlowOpt iteration %d: ||f(x) - y|| = %.4g", k, error)

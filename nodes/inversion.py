@@ -17,12 +17,12 @@ UNCOND_MODES = ("negative prompt", "null-text (from the inversion)", "negative-p
 PROX_QUANTILE, PROX_RECON_LR, PROX_RECON_TIMESTEP = 0.75, 1.0, 400
 
 
-def _inversion_input(tooltip="An inversion from TrainFree Invert, TrainFree Null-Text Inversion or TrainFree Load "
+def inversion_input(tooltip="An inversion from TrainFree Invert, TrainFree Null-Text Inversion or TrainFree Load "
                              "Inversion."):
     return (INVERSION, {"tooltip": tooltip})
 
 
-def _check_model(inversion, model):
+def check_inversion_model(inversion, model):
     found = host.fingerprint(model)
     if found.split("|")[:3] != inversion.model.split("|")[:3]:
         raise ValueError(f"this inversion was made with another kind of model ({inversion.model.split('|')[0]}, "
@@ -33,7 +33,7 @@ def _check_model(inversion, model):
                          "connect the model it was made with, or invert the image again with this one")
 
 
-def _predictor(loop, sampler, cfg):
+def predictor(loop, sampler, cfg):
     """``predict(x, sigma)`` -> (guided, renoise) for the deterministic sampler ``sampler``."""
     if sampler == "cfg++":
         def predict(x, sigma, *_):
@@ -96,7 +96,7 @@ class TrainFreeInvert:
         source, numbers = host.conditioning_tensors(positive, "positive")
 
         def body(loop):
-            predict = _predictor(loop, sampler, guidance)
+            predict = predictor(loop, sampler, guidance)
             x0 = loop.latent_in(samples)
             return ops.invert(predict, x0, loop.sigmas, fixed_point_iterations, loop.step_done, loop.input_scale)
 
@@ -123,7 +123,7 @@ class TrainFreeNullTextInversion:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model the inversion was made with."}),
-            "inversion": _inversion_input("A DDIM inversion from TrainFree Invert (sampler euler, guidance 1)."),
+            "inversion": inversion_input("A DDIM inversion from TrainFree Invert (sampler euler, guidance 1)."),
             "negative": ("CONDITIONING", {"tooltip": "The starting unconditional prompt, usually an empty text "
                                                      "encode (the paper's null text)."}),
             "cfg": ("FLOAT", {"default": ops.NTI_GUIDANCE, "min": 1.0, "max": 30.0, "step": 0.1,
@@ -140,7 +140,7 @@ class TrainFreeNullTextInversion:
 
     def optimise(self, model, inversion, negative, cfg, inner_steps, learning_rate, early_stop):
         check_numbers(type(self).__name__, self.INPUT_TYPES(), locals())
-        _check_model(inversion, model)
+        check_inversion_model(inversion, model)
         if inversion.sampler != "euler" or inversion.guidance != 1.0:
             raise ValueError(f"null-text inversion pivots on a DDIM inversion at guidance 1; this inversion used "
                              f"sampler '{inversion.sampler}' at guidance {inversion.guidance}: invert with sampler "
@@ -190,7 +190,7 @@ class TrainFreeSampleFromInversion:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model the inversion was made with (patches on it act)."}),
-            "inversion": _inversion_input(),
+            "inversion": inversion_input(),
             "positive": ("CONDITIONING", {"tooltip": "The prompt to sample with: the source prompt reconstructs, an "
                                                      "edited prompt ('a blue digit' for 'a red digit') edits."}),
             "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1,
@@ -214,7 +214,7 @@ class TrainFreeSampleFromInversion:
     def sample(self, model, inversion, positive, cfg, unconditional, negative=None, proximal_quantile=PROX_QUANTILE,
                proximal_recon_lr=PROX_RECON_LR, proximal_recon_timestep=PROX_RECON_TIMESTEP):
         check_numbers(type(self).__name__, self.INPUT_TYPES(), locals())
-        _check_model(inversion, model)
+        check_inversion_model(inversion, model)
         mode = UNCOND_MODES.index(unconditional)
         if (negative is None) == (mode == 0):
             raise ValueError(f"'{unconditional}' " + ("needs a negative prompt: connect one" if mode == 0 else
@@ -236,7 +236,7 @@ class TrainFreeSampleFromInversion:
 
         def body(loop):
             pivots = inversion.pivots.to(loop.device)
-            base = _predictor(loop, inversion.sampler, cfg)
+            base = predictor(loop, inversion.sampler, cfg)
             masks = {}
 
             def predict(x, sigma, i):

@@ -19,7 +19,8 @@ modules use this package and ``guidance_ops``, nothing else.
 from .attention import FLUX_STATES_IMG_SLICE, HAS_ATTENTION_OVERRIDE, perturb_self_attention
 from .building import (build_diffusion_model, build_flux_text_encoder, build_kl_autoencoder, build_sd1_text_encoder,
                        flux_state_dict_for_saving, load_reference_model, unpack_weights)
-from .cross_attention import PromptToPromptController, install_prompt_to_prompt, prompt_token_ids, word_token_ids
+from .cross_attention import (PromptToPromptController, encode_text, install_prompt_to_prompt, prompt_token_ids,
+                              word_token_ids)
 from .evaluation import (add_extra_cond_pass, add_guidance_delta, add_post_cfg, add_run_conditioning, attach_model,
                          override_cfg_per_evaluation, predict_with, process_latent_in, replace_uncond_with_guide,
                          run_conditioning, uncond_pass_runs)

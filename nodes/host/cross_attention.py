@@ -24,6 +24,11 @@ def prompt_token_ids(clip, text):
     return [_token_id(t) for chunk in tokens[_main_encoder(tokens)] for t in chunk]
 
 
+def encode_text(clip, text):
+    """CONDITIONING for ``text``, as CLIPTextEncode makes it."""
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
 def word_token_ids(clip, word):
     """The token ids of ``word`` alone, without start, end or padding tokens."""
     tokens = clip.tokenize(word)
