@@ -7,6 +7,7 @@ import asyncio
 import importlib.util
 import os
 import re
+import shutil
 import sys
 
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,8 +61,18 @@ def boot():
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     if not asyncio.run(nodes.load_custom_node(PACK_DIR)):
         raise RuntimeError(f"ComfyUI failed to load the pack at {PACK_DIR}; see the log above")
+    import folder_paths
+    install_example_inputs(folder_paths.get_input_directory())
     _booted = pack_module("")
     return _booted
+
+
+EXAMPLE_INPUTS = os.path.join(PACK_DIR, "workflows", "input")
+
+
+def install_example_inputs(input_dir):
+    """Copy the example workflows' input files (an image, a saved inversion) into a ComfyUI input folder."""
+    shutil.copytree(EXAMPLE_INPUTS, input_dir, dirs_exist_ok=True)
 
 
 def pack_module(name):

@@ -25,6 +25,8 @@ LOADERS = {"CheckpointLoaderSimple": "HarnessTinyCheckpoint", "UNETLoader": "Har
            "VAELoader": "HarnessTinyVAE"}
 LATENT_NODES = ("EmptyLatentImage", "EmptySD3LatentImage")
 SAMPLER_NODES = ("KSampler", "KSamplerAdvanced")
+SCHEDULER_NODES = ("BasicScheduler",)  # an inversion's schedule: its steps are capped like a sampler's
+EDIT_NODES = ("TrainFreeSampleFromInversion", "TrainFreePromptToPrompt", "TrainFreeFlowOpt")  # sample inversions
 
 
 class _TinyLoader:
@@ -122,8 +124,10 @@ def to_test_prompt(path, max_size=128, max_steps=4):
     for node in _each(prompt, LATENT_NODES):
         for side in ("width", "height"):
             node["inputs"][side] = min(node["inputs"][side], max_size)
-    for node in _each(prompt, SAMPLER_NODES):
+    for node in _each(prompt, SAMPLER_NODES + SCHEDULER_NODES):
         node["inputs"]["steps"] = min(node["inputs"]["steps"], max_steps)
+    for node in _each(prompt, ("TrainFreeFlowOpt",)):  # it regenerates at most the schedule's steps
+        node["inputs"]["n_max"] = min(node["inputs"]["n_max"], max_steps)
     return prompt
 
 
@@ -145,7 +149,8 @@ def _text_node(nodes, links, target, input_name):
 def reference_workflow(workflow, steps=6, batch=1, caption=DIGIT_CAPTION, seed=None):
     """A UI workflow (editor format) rewired onto the reference model of its family (``reference_family``), as a
     user would do by hand: each loader replaced by the reference-model loader, latents made 128x128 latents of
-    ``batch`` images for that model, KSampler's steps set to ``steps`` (and its seed to ``seed``), its positive
+    ``batch`` images for that model, KSampler's steps set to ``steps`` (and its seed to ``seed``; a scheduler's
+    steps capped at ``steps``), its positive
     prompt to ``caption`` and its negative to "". On the Flux-class model, which has no guidance embedding, the
     CFG scale is set to ``FLUX_REFERENCE_CFG``; FluxGuidance stays (the model ignores it), and so it does on SD1.5.
     The browser tests load this; ``to_reference_prompt`` converts it."""
@@ -175,6 +180,10 @@ def reference_workflow(workflow, steps=6, batch=1, caption=DIGIT_CAPTION, seed=N
                 values[3] = FLUX_REFERENCE_CFG
             _text_node(nodes, links, node, "positive")["widgets_values"][0] = caption
             _text_node(nodes, links, node, "negative")["widgets_values"][0] = ""
+        elif kind in SCHEDULER_NODES:
+            node["widgets_values"][1] = min(node["widgets_values"][1], steps)
+        elif kind == "TrainFreeFlowOpt":  # cfg, n_max, ...: it regenerates at most the schedule's steps
+            node["widgets_values"][1] = min(node["widgets_values"][1], steps)
     for link in workflow["links"]:
         if link[1] in moved:
             link[2] = moved[link[1]][link[2]]

@@ -89,6 +89,7 @@ class ComfyServer:
         os.makedirs(custom, exist_ok=True)  # main.py lists it at start-up, pack or not
         if self.install_pack and not os.listdir(custom):
             self._install_pack(custom)
+            comfy_host.install_example_inputs(os.path.join(self.base_dir, "input"))
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH="")
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env,

@@ -68,7 +68,8 @@ def sampled(prompt, out_dir=None):
         prompt = {k: v for k, v in prompt.items() if v["class_type"] not in ("SaveImage", "PreviewImage")}
     else:
         folder_paths.set_output_directory(out_dir)
-    samplers = sorted(k for k, v in prompt.items() if v["class_type"] in run_workflows.SAMPLER_NODES)
+    samplers = sorted(k for k, v in prompt.items()
+                      if v["class_type"] in run_workflows.SAMPLER_NODES + run_workflows.EDIT_NODES)
     for key in samplers:
         prompt[f"collect{key}"] = {"class_type": "HarnessCollectLatent", "inputs": {"samples": [key, 0], "key": key}}
     _latents.clear()
@@ -102,7 +103,31 @@ def test_unknown_node_types_are_named(engine):
         ui_to_api(workflow, run_workflows.node_definitions())
 
 
-@pytest.mark.parametrize("path", PATHS, ids=os.path.basename)
+def has_patch(path):
+    return any(n["type"] in ("TrainFreePAG", "TrainFreeAPG", "TrainFreeFDG", "TrainFreeGuidanceInterval",
+                             "TrainFreeNoiseDampedCFG", "TrainFreeResidualCFG", "TrainFreeTwoModelGuidance")
+               for n in json.load(open(path))["nodes"])
+
+
+@pytest.mark.parametrize("path", [p for p in PATHS if not has_patch(p)], ids=os.path.basename)
+def test_inversion_workflow_runs_and_edits_the_image(engine, path, tmp_path):
+    """Workflows without a MODEL patch invert a loaded image and edit it: every edit differs from the encoded
+    image, and the images are written."""
+    prompt = run_workflows.to_test_prompt(path)
+    encoders = sorted(k for k, v in prompt.items() if v["class_type"] == "VAEEncode")
+    assert encoders and any(v["class_type"] in run_workflows.EDIT_NODES for v in prompt.values())
+    for key in encoders:
+        prompt[f"collect{key}"] = {"class_type": "HarnessCollectLatent", "inputs": {"samples": [key, 0], "key": key}}
+    edits, outputs = sampled(prompt, str(tmp_path))
+    images = [image["filename"] for ui in outputs.values() for image in ui.get("images", [])]
+    assert images and all(os.path.getsize(tmp_path / name) > 0 for name in images)
+    encoded = _latents[encoders[0]]
+    assert torch.isfinite(edits).all()
+    for edit in edits.split(encoded.shape[0]):
+        assert (edit - encoded).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("path", [p for p in PATHS if has_patch(p)], ids=os.path.basename)
 def test_workflow_runs_and_its_technique_acts(engine, path, tmp_path):
     prompt = run_workflows.to_test_prompt(path)
     patches = patch_nodes(prompt)
