@@ -83,10 +83,6 @@ class Loop:
         """The unconditional prompt's text embedding as the model receives it."""
         return self._negative()[0]["model_conds"]["c_crossattn"].cond
 
-    def input_space(self, sigma, x):
-        """``x`` in the network's input scaling (the paper's latent space for eps models)."""
-        return self.sampling.calculate_input(torch.as_tensor(sigma, device=x.device), x)
-
     def input_scale(self, sigma):
         """The factor the network's input gets at ``sigma`` (1 / sqrt(sigma^2 + 1) for eps / v models, 1 for flow)."""
         one = torch.ones(1, device=self.device)

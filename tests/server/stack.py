@@ -1,4 +1,6 @@
-"""An API prompt that stacks every patch of the pack on the reference model, for the server tests.
+"""An API prompt that stacks every patch of the pack on the reference model, for the server tests; optionally
+followed by every inversion node (inversion, null-text, prompt-to-prompt, save / load, sampling, FlowOpt on the
+Flux-class model).
 
 The patches and their settings come from the server's /object_info (defaults), so a new MODEL -> MODEL node joins
 the stack, and the bad-input table, by itself. A second model input (guide, weak model) gets a second copy of the
@@ -7,6 +9,10 @@ reference model.
 REFERENCE = {"class_type": "TrainFreeReferenceModel", "inputs": {"model_file": "trainfree_digits.safetensors"}}
 # Settings other than the defaults, where the default would leave the patch idle in a short run.
 OVERRIDES = {"TrainFreeResidualCFG": {"mode": "self-negative"}}
+
+
+INVERSION_NODES = ("TrainFreeInvert", "TrainFreeNullTextInversion", "TrainFreePromptToPrompt", "TrainFreeSaveInversion",
+                   "TrainFreeLoadInversion", "TrainFreeSampleFromInversion", "TrainFreeFlowOpt")
 
 
 def patch_nodes(object_info):
@@ -31,7 +37,7 @@ def patch_inputs(object_info, name):
 
 
 def stack_prompt(object_info, patches=None, width=128, height=128, batch=1, steps=6, seed=3, cfg=5.0,
-                 caption="a green digit two on a dark background"):
+                 caption="a green digit two on a dark background", inversion=False):
     prompt = {"1": REFERENCE, "2": REFERENCE}
     model = ["1", 0]
     for i, name in enumerate(patch_nodes(object_info) if patches is None else patches):
@@ -48,4 +54,67 @@ def stack_prompt(object_info, patches=None, width=128, height=128, batch=1, step
         "94": {"class_type": "VAEDecode", "inputs": {"samples": ["93", 0], "vae": ["1", 2]}},
         "95": {"class_type": "SaveImage", "inputs": {"images": ["94", 0], "filename_prefix": "trainfree_stack"}},
     })
+    if inversion:
+        prompt.update(inversion_chain(model, caption, steps))
+        prompt.update(flow_chain(caption, steps))
     return {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in prompt.items()}
+
+
+def inversion_chain(model, caption, steps):
+    """The sampled image inverted, null-text optimised (and saved) and edited with prompt-to-prompt (colour word
+    swapped), decoded as node "87"; the example workflows' saved inversion loaded and sampled, decoded as "88"."""
+    target = caption.replace(caption.split()[1], "blue" if caption.split()[1] != "blue" else "red", 1)
+    return {
+        "80": {"class_type": "BasicScheduler", "inputs": {"model": model, "scheduler": "normal", "steps": steps,
+                                                          "denoise": 1.0}},
+        "81": {"class_type": "TrainFreeInvert", "inputs": {"model": model, "positive": ["90", 0],
+                                                           "latent": ["93", 0], "sigmas": ["80", 0],
+                                                           "sampler": "euler", "guidance": 1.0,
+                                                           "fixed_point_iterations": 1}},
+        "82": {"class_type": "TrainFreeNullTextInversion", "inputs": {"model": model, "inversion": ["81", 0],
+                                                                      "negative": ["91", 0], "cfg": 7.5,
+                                                                      "inner_steps": 2, "learning_rate": 0.01,
+                                                                      "early_stop": True}},
+        "83": {"class_type": "TrainFreePromptToPrompt", "inputs": {
+            "model": model, "clip": ["1", 1], "inversion": ["82", 0], "source_text": caption, "target_text": target,
+            "edit": "word swap", "cfg": 7.5, "unconditional": "null-text (from the inversion)",
+            "cross_replace": 0.8, "self_replace": 0.4, "blend_words": f"{caption.split()[1]}, {target.split()[1]}"}},
+        "84": {"class_type": "TrainFreeSaveInversion", "inputs": {"inversion": ["82", 0],
+                                                                  "filename_prefix": "trainfree_stack"}},
+        "85": {"class_type": "TrainFreeLoadInversion",  # the example workflows' saved inversion
+               "inputs": {"inversion_file": "trainfree_red_seven_00001.safetensors"}},
+        "86": {"class_type": "TrainFreeSampleFromInversion", "inputs": {
+            "model": model, "inversion": ["85", 0], "positive": ["90", 0], "cfg": 7.5,
+            "unconditional": "null-text (from the inversion)"}},
+        "87": {"class_type": "VAEDecode", "inputs": {"samples": ["83", 0], "vae": ["1", 2]}},
+        "88": {"class_type": "VAEDecode", "inputs": {"samples": ["86", 0], "vae": ["1", 2]}},
+        "89": {"class_type": "SaveImage", "inputs": {"images": ["87", 0], "filename_prefix": "trainfree_p2p"}},
+        "78": {"class_type": "SaveImage", "inputs": {"images": ["88", 0], "filename_prefix": "trainfree_loaded"}},
+    }
+
+
+def flow_chain(caption, steps):
+    """The Flux-class reference model: a sampled image inverted along the flow and edited with FlowOpt, decoded
+    as node "79"."""
+    model, clip, vae = ["70", 0], ["70", 1], ["70", 2]
+    return {
+        "70": {"class_type": "TrainFreeReferenceModel", "inputs": {"model_file": "trainfree_digits_flux.safetensors"}},
+        "71": {"class_type": "CLIPTextEncode", "inputs": {"text": caption, "clip": clip}},
+        "72": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": clip}},
+        "73": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
+        "74": {"class_type": "KSampler", "inputs": {
+            "model": model, "seed": 1, "steps": steps, "cfg": 5.0, "sampler_name": "euler", "scheduler": "simple",
+            "positive": ["71", 0], "negative": ["72", 0], "latent_image": ["73", 0], "denoise": 1.0}},
+        "75": {"class_type": "BasicScheduler", "inputs": {"model": model, "scheduler": "simple", "steps": steps,
+                                                          "denoise": 1.0}},
+        "76": {"class_type": "TrainFreeInvert", "inputs": {"model": model, "positive": ["71", 0],
+                                                           "latent": ["74", 0], "sigmas": ["75", 0],
+                                                           "sampler": "euler", "guidance": 1.0,
+                                                           "fixed_point_iterations": 0}},
+        "77": {"class_type": "TrainFreeFlowOpt", "inputs": {"model": model, "inversion": ["76", 0],
+                                                            "positive": ["71", 0], "negative": ["72", 0],
+                                                            "cfg": 5.0, "n_max": steps, "iterations": 2,
+                                                            "eta": 0.0}},
+        "79": {"class_type": "VAEDecode", "inputs": {"samples": ["77", 0], "vae": vae}},
+        "69": {"class_type": "SaveImage", "inputs": {"images": ["79", 0], "filename_prefix": "trainfree_flowopt"}},
+    }

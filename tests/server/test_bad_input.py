@@ -8,7 +8,7 @@ import pytest
 
 from harness.server import ComfyServer, error_message
 from tests.server.conftest import SERVER_ARGS, pixels
-from tests.server.stack import patch_nodes, stack_prompt
+from tests.server.stack import INVERSION_NODES, patch_nodes, stack_prompt
 
 # Words with which our messages tell the user what to do.
 FIX_WORDS = ("enter", "use", "connect", "swap", "name", "write", "make", "choose", "put", "must", "reinstall")
@@ -31,7 +31,7 @@ def _number_cases(object_info, node):
 
 
 def _cases(object_info):
-    for node in patch_nodes(object_info):
+    for node in patch_nodes(object_info) + list(INVERSION_NODES):
         for name, value, expect in _number_cases(object_info, node):
             yield f"{node}-{name}-{value}", node, {name: value}, expect, name
     layer_texts = ["middle.x", "nowhere.3", "input.99", "double.1", "middle.0.1.2", "output.5-2", ",", "'; drop"]
@@ -43,6 +43,12 @@ def _cases(object_info):
            "sigma_low")
     yield ("unknown-model-file", "TrainFreeReferenceModel", {"model_file": "missing.safetensors"}, "validation",
            "model_file")
+    yield ("inversion-prefix-escapes", "TrainFreeSaveInversion", {"filename_prefix": "../escape"}, "execution",
+           "filename_prefix")
+    yield ("p2p-word-not-in-prompt", "TrainFreePromptToPrompt", {"blend_words": "purple"}, "execution",
+           "blend")
+    yield ("p2p-source-text-differs", "TrainFreePromptToPrompt", {"source_text": "a digit"}, "execution",
+           "source_text")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +64,9 @@ def _check_refusal(server, prompt, node_id, expect, input_name):
     status, answer = server.post_prompt(prompt)
     text = json.dumps(answer)
     assert "Traceback" not in text
-    if status == 400:
+    if status == 400 or node_id in answer.get("node_errors", {}):
+        # 400 when no output can run; 200 with the node's errors listed when outputs that do not depend on it
+        # (another chain of the prompt) still run
         assert expect in ("validation", "either"), f"refused at validation, expected an execution error: {text}"
         errors = answer["node_errors"][node_id]["errors"]
         assert any(e["extra_info"].get("input_name") == input_name for e in errors), errors
@@ -72,15 +80,34 @@ def _check_refusal(server, prompt, node_id, expect, input_name):
 
 
 def _broken_prompt(object_info, node, inputs):
-    prompt = stack_prompt(object_info)
+    prompt = stack_prompt(object_info, steps=3, inversion=node in INVERSION_NODES)
     node_id = next(k for k, n in prompt.items() if n["class_type"] == node)
     prompt[node_id]["inputs"].update(inputs)
-    return prompt, node_id
+    return _only_through(prompt, node_id), node_id
+
+
+def _links(node):
+    return [value[0] for value in node["inputs"].values() if isinstance(value, list) and len(value) == 2]
+
+
+def _only_through(prompt, node_id):
+    """The prompt cut down to the outputs that depend on ``node_id`` and what they need (the other chains of an
+    inversion prompt would run in every case for nothing)."""
+    def ancestors(key, seen):
+        for parent in _links(prompt[key]):
+            if parent not in seen:
+                seen.add(parent)
+                ancestors(parent, seen)
+        return seen
+    outputs = [k for k, n in prompt.items() if n["class_type"] in ("SaveImage", "TrainFreeSaveInversion")
+               and (k == node_id or node_id in ancestors(k, set()))]
+    keep = set(outputs).union(*(ancestors(k, set()) for k in outputs))
+    return {k: n for k, n in prompt.items() if k in keep}
 
 
 def test_broken_inputs_of_every_node_are_refused_by_name(server, object_info, pack_nodes):
     """The cases come from the node definitions the server reports, so a new input or node is covered by itself."""
-    uncovered = set(pack_nodes) - set(patch_nodes(object_info)) - {"TrainFreeReferenceModel"}
+    uncovered = set(pack_nodes) - set(patch_nodes(object_info)) - set(INVERSION_NODES) - {"TrainFreeReferenceModel"}
     assert not uncovered, f"nodes that are not MODEL -> MODEL patches need bad-input cases of their own: {uncovered}"
     failures = []
     cases = list(_cases(object_info))

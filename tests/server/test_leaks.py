@@ -1,7 +1,8 @@
 """Nothing the pack holds grows over many runs that change resolution, batch size and the stack of patches.
 
 A server of its own, with ComfyUI's default cache (loaded models are kept between prompts, as users run it), runs
-18 prompts cycling through four shapes and four patch stacks. After every run a test-only probe node inside the
+18 prompts cycling through four shapes and four patch stacks, each followed by inversion, null-text inversion and a
+prompt-to-prompt edit of the sampled image. After every run a test-only probe node inside the
 server process (``harness/leak_probe.py``) reports what the pack could leak. Runs 10 and 18 have the same shape
 and stack, so everything they report must match: the pack's run scopes hold no state, no tensor is reachable
 from the pack's objects, the wrappers / callbacks / options of every live model and the live tensors are the same;
@@ -38,7 +39,13 @@ def _stacks(object_info):
 
 
 def _probed(prompt):
-    prompt["99"] = {"class_type": "HarnessLeakProbe", "inputs": {"images": ["94", 0]}}
+    """The probe runs last: it takes the images of every chain (ImageBatch joins them), so it waits for them all."""
+    images = [[key, 0] for key in ("94", "87", "88", "79") if key in prompt]
+    joined = images[0]
+    for i, image in enumerate(images[1:]):
+        prompt[f"96{i}"] = {"class_type": "ImageBatch", "inputs": {"image1": joined, "image2": image}}
+        joined = [f"96{i}", 0]
+    prompt["99"] = {"class_type": "HarnessLeakProbe", "inputs": {"images": joined}}
     return prompt
 
 
@@ -57,7 +64,8 @@ def test_nothing_the_pack_holds_grows_over_runs(cached_server, object_info, arti
         width, height, batch = SHAPES[i % len(SHAPES)]
         cached_server.request("POST", "/history", {"clear": True})  # the server's own per-prompt bookkeeping
         entry = cached_server.run(_probed(stack_prompt(object_info, patches=stacks[i % len(stacks)], width=width,
-                                                       height=height, batch=batch, steps=3, seed=i)))
+                                                       height=height, batch=batch, steps=3, seed=i,
+                                                       inversion=True)))
         assert entry["status"]["status_str"] == "success", error_message(entry)
         report = entry["outputs"]["99"]["trainfree_probe"][0]
         reports.append(report)
