@@ -13,6 +13,7 @@ prints the tables as markdown.
 import argparse
 import json
 import os
+import re
 import time
 
 import torch
@@ -145,9 +146,10 @@ def null_text_refusal(model):
     try:
         comfy_host.execute_prompt(p.nodes)
     except comfy_host.PromptError as error:
-        if not str(error).startswith("prompt failed"):
+        found = re.search(r"'exception_message': (['\"])(.*?)\\n\1", str(error))
+        if found is None:
             raise
-        return str(error)
+        return found.group(2)
     return None
 
 
