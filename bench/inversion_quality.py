@@ -32,7 +32,14 @@ UNCOND = {"plain": "negative prompt", "nti": "null-text (from the inversion)",
           "npi": "negative-prompt inversion (source prompt)", "proximal": "proximal guidance (source prompt + ProxEdit)",
           "proximal_no_pull": "proximal guidance (source prompt + ProxEdit)"}
 # proximal_no_pull: proximal guidance without the late steps' pull back to the inversion (proximal_recon_lr 0).
-EDIT_METHODS = ("plain", "npi", "nti", "proximal", "proximal_no_pull")
+EDIT_METHODS = ("plain", "npi", "nti", "proximal", "proximal_no_pull", "p2p_npi", "p2p_nti")
+# p2p_*: Prompt-to-Prompt word swap (cross 0.8, self 0.4, local blend on the swapped words) from the same inversion,
+# with negative-prompt inversion or null-text inversion as the unconditional branch; UNet models only.
+P2P_UNCOND = {"p2p_npi": UNCOND["npi"], "p2p_nti": UNCOND["nti"]}
+
+
+def edit_methods(model, nti):
+    return [m for m in EDIT_METHODS if (nti or not m.endswith("nti")) and (model != "flux" or m not in P2P_UNCOND)]
 RECONSTRUCTIONS = ("plain", "nti", "npi", "proximal", "cfgpp", "fixed_point", "plain_cfg1")
 INK_THRESHOLD, INK_MARGIN = 0.1, 2  # background: ink below 0.1, and at least 2 px from any pixel with more ink
 SEED = 11
@@ -129,10 +136,22 @@ def digit_prompt(model, i, caption, edits, nti):
     p.collect(sample(p, links, fixed, links["source"], s["cfg"], "plain"), f"rec|fixed_point|{i}")
     for kind, text in edits.items():
         target = p.text(text)
-        for method in EDIT_METHODS:
-            if method in inversions:
+        for method in edit_methods(model, nti):
+            if method in P2P_UNCOND:
+                inversion = inversions["nti"] if method == "p2p_nti" else pivot
+                p.collect(prompt_to_prompt(p, inversion, caption, text, s["cfg"], P2P_UNCOND[method]),
+                          f"{kind}|{method}|{i}")
+            elif method in inversions:
                 p.collect(sample(p, links, inversions[method], target, s["cfg"], method), f"{kind}|{method}|{i}")
     return p.nodes
+
+
+def prompt_to_prompt(p, inversion, source, target, cfg, unconditional):
+    """A word swap whose local blend follows the swapped words (the source's and the target's)."""
+    swapped = [w for a, b in zip(source.split(), target.split()) if a != b for w in (a, b)]
+    return p.add("TrainFreePromptToPrompt", model=["model", 0], clip=["model", 1], inversion=inversion,
+                 source_text=source, target_text=target, edit="word swap", cfg=cfg, unconditional=unconditional,
+                 cross_replace=0.8, self_replace=0.4, blend_words=", ".join(swapped))
 
 
 def null_text_refusal(model):
@@ -239,9 +258,7 @@ def run(model, count=8, out=OUT, grid_dir=None):
         rows.append({**common, "kind": f"{kind} edit", "method": "vae_round_trip",
                      "psnr_outside_edit": masked_psnr(got("rec|vae"), images, outside),
                      "outside_share": outside.float().mean().item()})
-        for method in EDIT_METHODS:
-            if method == "nti" and not nti:
-                continue
+        for method in edit_methods(model, nti):
             rows.append({**common, "kind": f"{kind} edit", "method": method, "sampling_cfg": s["cfg"],
                          **score_edit(kind, got(f"{kind}|{method}"), images, judge, numbers, colours, target_digits,
                                       target_colours)})
@@ -251,7 +268,7 @@ def run(model, count=8, out=OUT, grid_dir=None):
                                   "(nearer to it than to the source's background colour), grown by 2 px",
               "null_text_refusal": refusal, "captions": captions,
               "edits": {"colour": [colour_edit(c) for c in colours], "digit": [digit_edit(d) for d in numbers]},
-              "columns": grid_columns(methods, nti), "rows": rows}
+              "columns": grid_columns(model, methods, nti), "rows": rows}
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"inversion_{model}.json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -263,8 +280,8 @@ def run(model, count=8, out=OUT, grid_dir=None):
     return result
 
 
-def grid_columns(methods, nti):
-    edits = [f"{kind}|{m}" for kind in ("colour", "digit") for m in EDIT_METHODS if nti or m != "nti"]
+def grid_columns(model, methods, nti):
+    edits = [f"{kind}|{m}" for kind in ("colour", "digit") for m in edit_methods(model, nti)]
     return ["source", "rec|vae"] + [f"rec|{m}" for m in methods] + edits
 
 

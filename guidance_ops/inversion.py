@@ -108,11 +108,17 @@ def proximal(delta, quantile, kind="l0"):
     return torch.sign(delta) * torch.clamp(delta.abs() - tau, min=0)
 
 
-def proximal_mask(delta, quantile):
-    """Where the edit acts (|delta| above the quantile), 1 there and 0 elsewhere."""
+def proximal_mask(delta, quantile, dilation=0):
+    """Where the edit acts: 1 where |delta| is above its quantile, grown by ``dilation`` latent pixels (a square
+    max filter over the last two axes, as ProxEdit's reference code grows the mask), 0 elsewhere."""
     flat = delta.flatten(1).abs().float()
     tau = torch.quantile(flat, quantile, dim=1).to(delta.dtype).view(-1, *[1] * (delta.ndim - 1))
-    return (delta.abs() > tau).to(delta.dtype)
+    mask = (delta.abs() > tau).to(delta.dtype)
+    if dilation > 0:
+        planes = mask.reshape(-1, 1, *mask.shape[-2:])
+        planes = torch.nn.functional.max_pool2d(planes, 2 * dilation + 1, stride=1, padding=dilation)
+        mask = planes.reshape(mask.shape)
+    return mask
 
 
 # ---------------------------------------------------------------- the inversion object

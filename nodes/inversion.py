@@ -14,7 +14,7 @@ CATEGORY = "trainfree/inversion"
 
 UNCOND_MODES = ("negative prompt", "null-text (from the inversion)", "negative-prompt inversion (source prompt)",
                 "proximal guidance (source prompt + ProxEdit)")
-PROX_QUANTILE, PROX_RECON_LR, PROX_RECON_TIMESTEP = 0.75, 1.0, 400
+PROX_QUANTILE, PROX_RECON_LR, PROX_RECON_TIMESTEP, PROX_DILATION = 0.75, 1.0, 400, 1
 
 
 def inversion_input(tooltip="An inversion from TrainFree Invert, TrainFree Null-Text Inversion or TrainFree Load "
@@ -209,10 +209,14 @@ class TrainFreeSampleFromInversion:
             "proximal_recon_timestep": ("INT", {"default": PROX_RECON_TIMESTEP, "min": 0, "max": 1000,
                                                 "tooltip": "Proximal guidance only: the pull acts below this "
                                                            "timestep (0-1000; ProxEdit 400)."}),
+            "proximal_dilation": ("INT", {"default": PROX_DILATION, "min": 0, "max": 16,
+                                          "tooltip": "Proximal guidance only: the edited region grows by this many "
+                                                     "latent pixels before the pull (ProxEdit's code: 1)."}),
         }}
 
     def sample(self, model, inversion, positive, cfg, unconditional, negative=None, proximal_quantile=PROX_QUANTILE,
-               proximal_recon_lr=PROX_RECON_LR, proximal_recon_timestep=PROX_RECON_TIMESTEP):
+               proximal_recon_lr=PROX_RECON_LR, proximal_recon_timestep=PROX_RECON_TIMESTEP,
+               proximal_dilation=PROX_DILATION):
         check_numbers(type(self).__name__, self.INPUT_TYPES(), locals())
         check_inversion_model(inversion, model)
         mode = UNCOND_MODES.index(unconditional)
@@ -247,7 +251,7 @@ class TrainFreeSampleFromInversion:
                     return base(x, sigma)
                 guided, cond, uncond = loop.denoise_parts(x, sigma, cfg)
                 delta = cond - uncond
-                masks[i] = ops.proximal_mask(delta, proximal_quantile)
+                masks[i] = ops.proximal_mask(delta, proximal_quantile, proximal_dilation)
                 shifted = guided + (uncond + cfg * ops.proximal(delta, proximal_quantile) - (uncond + cfg * delta))
                 return shifted, (uncond if inversion.sampler == "cfg++" else shifted)
 
