@@ -219,23 +219,7 @@ class TrainFreeSampleFromInversion:
                proximal_dilation=PROX_DILATION):
         check_numbers(type(self).__name__, self.INPUT_TYPES(), locals())
         check_inversion_model(inversion, model)
-        mode = UNCOND_MODES.index(unconditional)
-        if (negative is None) == (mode == 0):
-            raise ValueError(f"'{unconditional}' " + ("needs a negative prompt: connect one" if mode == 0 else
-                             "makes its own unconditional branch: disconnect 'negative' or choose 'negative prompt'"))
-        if inversion.sampler == "cfg++" and cfg != inversion.guidance:
-            raise ValueError(f"this is a CFG++ inversion made with lambda {inversion.guidance}; sample with the same "
-                             f"lambda: set cfg to {inversion.guidance}")
-        if mode == 1:
-            if inversion.null_embeddings is None:
-                raise ValueError("this inversion has no null-text embeddings: run TrainFree Null-Text Inversion on it, "
-                                 "or choose another unconditional mode")
-            if cfg != inversion.guidance:
-                raise ValueError(f"the null-text embeddings were optimised for cfg {inversion.guidance}: set cfg to "
-                                 f"{inversion.guidance}, or run null-text inversion again at {cfg}")
-            negative = host.as_conditioning(inversion.null_source, {})
-        elif mode >= 2:
-            negative = host.as_conditioning(inversion.source, inversion.source_extra)
+        mode, negative = unconditional_branch(inversion, unconditional, negative, cfg)
         recon = [host.sigma_to_timestep(model, s) < proximal_recon_timestep for s in inversion.sigmas[1:]]
 
         def body(loop):
@@ -264,6 +248,29 @@ class TrainFreeSampleFromInversion:
 
         samples = host.run_loop(model, positive, negative, cfg, inversion.pivots.shape[1:], inversion.sigmas, body)
         return ({"samples": samples},)
+
+
+def unconditional_branch(inversion, unconditional, negative, cfg):
+    """(mode index, the CONDITIONING of the unconditional branch) for sampling ``inversion`` at ``cfg``, or a clear
+    error when the inversion or the connected negative prompt does not fit the mode."""
+    mode = UNCOND_MODES.index(unconditional)
+    if (negative is None) == (mode == 0):
+        raise ValueError(f"'{unconditional}' " + ("needs a negative prompt: connect one" if mode == 0 else
+                         "makes its own unconditional branch: disconnect 'negative' or choose 'negative prompt'"))
+    if inversion.sampler == "cfg++" and cfg != inversion.guidance:
+        raise ValueError(f"this is a CFG++ inversion made with lambda {inversion.guidance}; sample with the same "
+                         f"lambda: set cfg to {inversion.guidance}")
+    if mode == 1:
+        if inversion.null_embeddings is None:
+            raise ValueError("this inversion has no null-text embeddings: run TrainFree Null-Text Inversion on it, "
+                             "or choose another unconditional mode")
+        if cfg != inversion.guidance:
+            raise ValueError(f"the null-text embeddings were optimised for cfg {inversion.guidance}: set cfg to "
+                             f"{inversion.guidance}, or run null-text inversion again at {cfg}")
+        return mode, host.as_conditioning(inversion.null_source, {})
+    if mode >= 2:
+        return mode, host.as_conditioning(inversion.source, inversion.source_extra)
+    return mode, negative
 
 
 def _check_schedule(sigmas):

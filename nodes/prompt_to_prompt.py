@@ -8,7 +8,8 @@ from ..guidance_ops import inversion as ops
 from ..guidance_ops import prompt_to_prompt as p2p
 from . import host
 from .base import check_numbers
-from .inversion import CATEGORY, UNCOND_MODES, check_inversion_model, inversion_input, predictor
+from .inversion import (CATEGORY, UNCOND_MODES, check_inversion_model, inversion_input, predictor,
+                        unconditional_branch)
 
 log = logging.getLogger("trainfree")
 P2P_UNCOND_MODES = UNCOND_MODES[:3]
@@ -88,15 +89,7 @@ class TrainFreePromptToPrompt:
         check_inversion_model(inversion, model)
         if inversion.sampler != "euler":
             raise ValueError("prompt-to-prompt replays a DDIM (euler) inversion; invert with sampler euler")
-        mode = UNCOND_MODES.index(unconditional)
-        if (negative is None) == (mode == 0):
-            raise ValueError(f"'{unconditional}' " + ("needs a negative prompt: connect one" if mode == 0 else
-                             "makes its own unconditional branch: disconnect 'negative'"))
-        if mode == 1 and inversion.null_embeddings is None:
-            raise ValueError("this inversion has no null-text embeddings: run TrainFree Null-Text Inversion on it, or "
-                             "choose another unconditional mode")
-        if mode == 1 and cfg != inversion.guidance:
-            raise ValueError(f"the null-text embeddings were optimised for cfg {inversion.guidance}: set cfg to that")
+        mode, negative = unconditional_branch(inversion, unconditional, negative, cfg)
         source = host.encode_text(clip, source_text)
         if not _same_prompt(source, inversion.source):
             raise ValueError("source_text does not encode to the prompt the image was inverted with: enter the "
@@ -117,10 +110,6 @@ class TrainFreePromptToPrompt:
         control = host.install_prompt_to_prompt(patched, plan, rows)
         positive = _both(host.conditioning_tensors(source, "source")[0], host.conditioning_tensors(target, "target")[0],
                          inversion.source_extra, rows)
-        if mode == 1:
-            negative = host.as_conditioning(inversion.null_source, {})
-        elif mode == 2:
-            negative = host.as_conditioning(inversion.source, inversion.source_extra)
 
         def body(loop):
             pivots = inversion.pivots.to(loop.device)
