@@ -32,14 +32,31 @@ UNCOND = {"plain": "negative prompt", "nti": "null-text (from the inversion)",
           "npi": "negative-prompt inversion (source prompt)", "proximal": "proximal guidance (source prompt + ProxEdit)",
           "proximal_no_pull": "proximal guidance (source prompt + ProxEdit)"}
 # proximal_no_pull: proximal guidance without the late steps' pull back to the inversion (proximal_recon_lr 0).
-EDIT_METHODS = ("plain", "npi", "nti", "proximal", "proximal_no_pull", "p2p_npi", "p2p_nti")
+EDIT_METHODS = ("plain", "npi", "nti", "proximal", "proximal_no_pull", "p2p_npi", "p2p_nti", "flowopt")
 # p2p_*: Prompt-to-Prompt word swap (cross 0.8, self 0.4, local blend on the swapped words) from the same inversion,
 # with negative-prompt inversion or null-text inversion as the unconditional branch; UNet models only.
 P2P_UNCOND = {"p2p_npi": UNCOND["npi"], "p2p_nti": UNCOND["nti"]}
 
 
+# flowopt: FlowOpt from the plain inversion (flow models only): for reconstruction the source prompt at cfg 1 through
+# every step, 10 iterations; for edits the target prompt at the edit's cfg through the last 13/15 of the steps,
+# 8 iterations (the official editing setting), the official eta.
+FLOWOPT = {"reconstruction": (1.0, 1.0, 10), "edit": (None, 13 / 15, 8)}
+
+
 def edit_methods(model, nti):
-    return [m for m in EDIT_METHODS if (nti or not m.endswith("nti")) and (model != "flux" or m not in P2P_UNCOND)]
+    return [m for m in EDIT_METHODS if (nti or not m.endswith("nti")) and (model != "flux" or m not in P2P_UNCOND)
+            and (model == "flux" or m != "flowopt")]
+
+
+def reconstruction_methods(model, nti):
+    return [m for m in RECONSTRUCTIONS if (nti or m != "nti")] + (["flowopt"] if model == "flux" else [])
+
+
+def flowopt(p, links, inversion, positive, cfg, steps, share, iterations):
+    extra = {"negative": links["empty"]} if cfg != 1.0 else {}
+    return p.add("TrainFreeFlowOpt", model=["model", 0], inversion=inversion, positive=positive, cfg=cfg,
+                 n_max=round(share * steps), iterations=iterations, eta=0.0, **extra)
 RECONSTRUCTIONS = ("plain", "nti", "npi", "proximal", "cfgpp", "fixed_point", "plain_cfg1")
 INK_THRESHOLD, INK_MARGIN = 0.1, 2  # background: ink below 0.1, and at least 2 px from any pixel with more ink
 SEED = 11
@@ -132,12 +149,20 @@ def digit_prompt(model, i, caption, edits, nti):
     p.collect(sample(p, links, pivot, links["source"], 1.0, "plain"), f"rec|plain_cfg1|{i}")
     cfgpp = invert(p, links, "cfg++", s["cfgpp_lambda"])
     p.collect(sample(p, links, cfgpp, links["source"], s["cfgpp_lambda"], "plain"), f"rec|cfgpp|{i}")
+    if model == "flux":
+        cfg, share, iterations = FLOWOPT["reconstruction"]
+        found = flowopt(p, links, pivot, links["source"], cfg, s["steps"], share, iterations)
+        p.collect(found, f"rec|flowopt|{i}")
     fixed = invert(p, links, "euler", s["cfg"], s["fixed_point"])
     p.collect(sample(p, links, fixed, links["source"], s["cfg"], "plain"), f"rec|fixed_point|{i}")
     for kind, text in edits.items():
         target = p.text(text)
         for method in edit_methods(model, nti):
-            if method in P2P_UNCOND:
+            if method == "flowopt":
+                _, share, iterations = FLOWOPT["edit"]
+                p.collect(flowopt(p, links, pivot, target, s["cfg"], s["steps"], share, iterations),
+                          f"{kind}|{method}|{i}")
+            elif method in P2P_UNCOND:
                 inversion = inversions["nti"] if method == "p2p_nti" else pivot
                 p.collect(prompt_to_prompt(p, inversion, caption, text, s["cfg"], P2P_UNCOND[method]),
                           f"{kind}|{method}|{i}")
@@ -245,9 +270,10 @@ def run(model, count=8, out=OUT, grid_dir=None):
     common = {"model": model, "model_file": quality.MODELS[model], "digits": count, "seed": SEED, **s,
               "host": comfy_host.host_label().split(" ")[0]}
     rows = [{**common, "kind": "reconstruction", "method": "vae_round_trip", **score_reconstruction(got("rec|vae"), images)}]
-    methods = [m for m in RECONSTRUCTIONS if nti or m != "nti"]
+    methods = reconstruction_methods(model, nti)
     for method in methods:
-        cfg = {"plain_cfg1": 1.0, "cfgpp": s["cfgpp_lambda"]}.get(method, s["cfg"])
+        cfg = {"plain_cfg1": 1.0, "cfgpp": s["cfgpp_lambda"], "flowopt": FLOWOPT["reconstruction"][0]}.get(
+            method, s["cfg"])
         rows.append({**common, "kind": "reconstruction", "method": method, "sampling_cfg": cfg,
                      **score_reconstruction(got(f"rec|{method}"), images)})
     judge = oracle.load()
