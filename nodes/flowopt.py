@@ -11,6 +11,8 @@ from .inversion import CATEGORY, INVERSION, check_inversion_model, inversion_inp
 
 log = logging.getLogger("trainfree")
 TITLE = "TrainFree FlowOpt"
+ETA_RULES = ("official value (eta 0)", "estimated bound")
+ESTIMATE_PROBES, ESTIMATE_SHARE = 4, 0.5
 
 
 class TrainFreeFlowOpt:
@@ -53,9 +55,15 @@ class TrainFreeFlowOpt:
         }, "optional": {
             "negative": ("CONDITIONING", {"tooltip": "The negative prompt; needed when cfg is not 1 (the official "
                                                      "SD3 setting uses an empty prompt)."}),
+            "eta_rule": (list(ETA_RULES), {"default": ETA_RULES[0],
+                                           "tooltip": "With eta 0: the official value, or half the convergence "
+                                                      "bound 2 mu / L^2 estimated around the start from 4 random "
+                                                      "finite differences of the whole sampling pass (5 more "
+                                                      "passes; a sufficient condition for a contraction)."}),
         }}
 
-    def optimise(self, model, inversion, positive, cfg, n_max, iterations, eta, negative=None):
+    def optimise(self, model, inversion, positive, cfg, n_max, iterations, eta, negative=None,
+                 eta_rule=ETA_RULES[0]):
         check_numbers(type(self).__name__, self.INPUT_TYPES(), locals())
         family = host.require_family(model, TITLE, ("sd3", "flux"))
         if not host.is_flow_model(model):
@@ -71,6 +79,9 @@ class TrainFreeFlowOpt:
         if cfg != 1.0 and negative is None:
             raise ValueError(f"cfg {cfg} needs the unconditional prediction: connect a negative prompt (an empty "
                              f"CLIPTextEncode), or set cfg to 1")
+        estimate = eta_rule == ETA_RULES[1]
+        if estimate and eta != 0.0:
+            raise ValueError(f"eta_rule '{eta_rule}' chooses eta itself: set eta to 0, or choose '{ETA_RULES[0]}'")
         eta = eta or ops.ETA[family]
         n_start = inversion.steps - n_max
         sigmas = inversion.sigmas[n_start:]
@@ -81,14 +92,23 @@ class TrainFreeFlowOpt:
 
             def watch(k, x, output, error):
                 log.info("TrainFree FlowOpt iteration %d: ||f(x) - y|| = %.4g", k, error)
+            step = eta
             with torch.no_grad():  # iterates chain through every pass: no graph outside ComfyUI's inference mode
-                output, x, errors = ops.flowopt(sample_from, pivots[n_start], pivots[-1], eta, iterations, watch)
-            return loop.latent_out(output).cpu(), x.float().cpu(), errors
+                if estimate:
+                    bound, mu, lipschitz = ops.estimate_step_size_bound(
+                        sample_from, pivots[n_start], ESTIMATE_PROBES, generator=torch.Generator().manual_seed(0))
+                    if bound <= 0:
+                        raise ValueError(f"the estimated bound is empty here (mu {mu:.3g}: the sampling pass is not "
+                                         f"monotone around the start): enter an eta by hand")
+                    step = ESTIMATE_SHARE * bound
+                output, x, errors = ops.flowopt(sample_from, pivots[n_start], pivots[-1], step, iterations, watch)
+            return loop.latent_out(output).cpu(), x.float().cpu(), errors, step
 
-        samples, x, errors = host.run_loop(model, positive, negative, cfg, inversion.pivots.shape[1:], sigmas, body,
-                                           steps=(iterations + 1) * n_max)
+        passes = iterations + 1 + (ESTIMATE_PROBES + 1 if estimate else 0)
+        samples, x, errors, eta = host.run_loop(model, positive, negative, cfg, inversion.pivots.shape[1:], sigmas,
+                                                body, steps=passes * n_max)
         report = {"flowopt_iterations": iterations, "flowopt_eta": eta, "flowopt_n_max": n_max,
-                  "flowopt_errors": errors, "flowopt_sampling_steps": (iterations + 1) * n_max}
+                  "flowopt_errors": errors, "flowopt_sampling_steps": passes * n_max}
         log.info("TrainFree FlowOpt: %d iterations at eta %g over the last %d steps, %d sampling steps; "
                  "||f(x) - y|| %.4g -> %.4g", iterations, eta, n_max, report["flowopt_sampling_steps"], errors[0],
                  errors[-1])

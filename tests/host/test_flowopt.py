@@ -101,6 +101,24 @@ def test_default_eta_is_the_official_one_and_still_descends(tiny, prompts, inver
     assert errors[2] < errors[1] < errors[0]
 
 
+@pytest.mark.parametrize("family", FLOW)
+def test_the_estimated_step_size_rule(tiny, prompts, inversions, family):
+    """Half the estimated bound 2 mu / L^2 (five more passes): a step the error falls with, reported."""
+    source, _, _ = prompts[family]
+    model = tiny(family).clone()
+    counter = ModelCallCounter(model)
+    _, optimised = run_node("TrainFreeFlowOpt", model=model, inversion=inversions[family], positive=source, cfg=1.0,
+                            n_max=4, iterations=2, eta=0.0, eta_rule="estimated bound")
+    eta = optimised.report["flowopt_eta"]
+    assert eta not in (0.0025, 0.01) and 0 < eta < 1
+    assert counter.calls == (2 + 1 + 5) * 4 == optimised.report["flowopt_sampling_steps"]
+    errors = optimised.report["flowopt_errors"]
+    assert errors[2] < errors[1] < errors[0]
+    with pytest.raises(ValueError, match="set eta to 0"):
+        run_node("TrainFreeFlowOpt", model=model, inversion=inversions[family], positive=source, cfg=1.0, n_max=4,
+                 iterations=2, eta=0.1, eta_rule="estimated bound")
+
+
 @pytest.mark.parametrize("family,cfg,rows", [("sd3", 1.0, 1), ("flux", 1.0, 1), ("sd3", 3.5, 2)])
 def test_model_passes(tiny, prompts, inversions, family, cfg, rows):
     _, target, negative = prompts[family]
