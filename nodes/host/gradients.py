@@ -22,6 +22,10 @@ def _ordinary(weight):
 def trainable(model):
     """A clone of ``model`` whose forward passes can be differentiated (outside inference mode)."""
     clone = model.clone()
+    for key, models in list(clone.additional_models.items()):
+        # a model attached for a patch (a guide, a weak model) that shares these weights would be loaded after
+        # this clone and leave its own, unwrapped weights in place; the evaluations that need gradients never use it
+        clone.set_additional_models(key, [m for m in models if m.model is not clone.model])
     for name, module in clone.model.named_modules():
         if not hasattr(module, "comfy_cast_weights"):
             continue
@@ -47,3 +51,4 @@ def differentiating(model, title):
                                f"{family} ({text.splitlines()[0][:120]}). Use negative-prompt inversion "
                                f"(TrainFree Sample From Inversion, 'negative-prompt inversion') or, for flow "
                                f"models, FlowOpt, which need no gradients.") from error
+

@@ -281,3 +281,17 @@ def test_progress_and_interrupt(tiny):
     assert {k: dict(v) for k, v in model.wrappers.items()} == wrappers
     torch.testing.assert_close(replay(model, inversion, pos, 1.0, NEGATIVE, neg),
                                replay(model, inversion, pos, 1.0, NEGATIVE, neg), rtol=0, atol=0)
+
+
+def test_null_text_inversion_with_inference_weights_and_an_attached_model_sharing_them(pack):
+    """As ComfyUI loads a checkpoint (inside inference mode), with a patch that attaches a model sharing these
+    weights (noise-damped CFG whose weak model is the same checkpoint): the attached model must not be loaded
+    over the gradient-ready clone."""
+    with torch.inference_mode():
+        model = tiny_models.make_model("sd15", seed=7)
+    (pos, neg), lat = prompts("sd15"), latent("sd15", batch=1)
+    patched = engine_node("TrainFreeNoiseDampedCFG", model=model, weak_model=model, damped_percent=0.5)[0]
+    inversion = invert(patched, pos, lat, schedule(model, 3))
+    nti = engine_node("TrainFreeNullTextInversion", model=patched, inversion=inversion, negative=neg, cfg=7.5,
+                      inner_steps=2, learning_rate=0.01, early_stop=True)[0]
+    assert nti.null_embeddings.shape[:2] == (3, 1)
