@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .interval import cfg as guided_prediction
+
 SAMPLERS = ("euler", "cfg++")
 
 
@@ -46,10 +48,6 @@ def fixed_point_update(y, x, stepped):
     """One iteration towards ``step(y) = x`` (the Jacobian of the step taken as the identity): ``stepped`` is
     the sampler's step applied to the current guess y."""
     return y + (x - stepped)
-
-
-def guided_prediction(cond, uncond, scale):
-    return uncond + (cond - uncond) * scale
 
 
 # ---------------------------------------------------------------- null-text inversion (Mokady et al. 2022)
@@ -98,21 +96,23 @@ def optimise_null_embedding(null, predict_uncond, cond, x, sigma, sigma_next, ta
 
 # ---------------------------------------------------------------- proximal guidance (Han et al., WACV 2024)
 
-def proximal(delta, quantile, kind="l0"):
-    """ProxEdit's proximal operator on the guidance difference, per sample: entries with |delta| below the
-    ``quantile`` of |delta| are zeroed (l0) or shrunk towards zero by it (l1); quantile 0 keeps everything."""
+def proximal_threshold(delta, quantile):
+    """ProxEdit's threshold tau: the ``quantile`` of |delta| per sample, shaped to broadcast over ``delta``."""
     flat = delta.flatten(1).abs().float()
-    tau = torch.quantile(flat, quantile, dim=1).to(delta.dtype).view(-1, *[1] * (delta.ndim - 1))
+    return torch.quantile(flat, quantile, dim=1).to(delta.dtype).view(-1, *[1] * (delta.ndim - 1))
+
+
+def proximal(delta, tau, kind="l0"):
+    """ProxEdit's proximal operator on the guidance difference: entries with |delta| below ``tau`` are zeroed (l0)
+    or shrunk towards zero by it (l1); tau at the 0 quantile keeps everything."""
     if kind == "l0":
         return torch.where(delta.abs() >= tau, delta, torch.zeros_like(delta))
     return torch.sign(delta) * torch.clamp(delta.abs() - tau, min=0)
 
 
-def proximal_mask(delta, quantile, dilation=0):
-    """Where the edit acts: 1 where |delta| is above its quantile, grown by ``dilation`` latent pixels (a square
-    max filter over the last two axes, as ProxEdit's reference code grows the mask), 0 elsewhere."""
-    flat = delta.flatten(1).abs().float()
-    tau = torch.quantile(flat, quantile, dim=1).to(delta.dtype).view(-1, *[1] * (delta.ndim - 1))
+def proximal_mask(delta, tau, dilation=0):
+    """Where the edit acts: 1 where |delta| is above ``tau``, grown by ``dilation`` latent pixels (a square max
+    filter over the last two axes, as ProxEdit's reference code grows the mask), 0 elsewhere."""
     mask = (delta.abs() > tau).to(delta.dtype)
     if dilation > 0:
         planes = mask.reshape(-1, 1, *mask.shape[-2:])

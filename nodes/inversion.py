@@ -237,8 +237,9 @@ class TrainFreeSampleFromInversion:
                     return base(x, sigma)
                 guided, cond, uncond = loop.denoise_parts(x, sigma, cfg)
                 delta = cond - uncond
-                masks[i] = ops.proximal_mask(delta, proximal_quantile, proximal_dilation)
-                shifted = guided + (uncond + cfg * ops.proximal(delta, proximal_quantile) - (uncond + cfg * delta))
+                tau = ops.proximal_threshold(delta, proximal_quantile)
+                masks[i] = ops.proximal_mask(delta, tau, proximal_dilation)
+                shifted = guided + (uncond + cfg * ops.proximal(delta, tau) - (uncond + cfg * delta))
                 return shifted, (uncond if inversion.sampler == "cfg++" else shifted)
 
             def pull_back(x, i):

@@ -19,15 +19,36 @@ def _words(text):
     return [w.strip() for w in text.split(",") if w.strip()]
 
 
+def _occurrences(prompt_ids, word_ids):
+    try:
+        return p2p.word_positions(prompt_ids, word_ids)
+    except ValueError:
+        return ()
+
+
 def _positions(clip, prompt_ids, words, where):
-    found = []
+    found = set()
     for word in words:
-        try:
-            found.extend(p2p.word_positions(prompt_ids, host.word_token_ids(clip, word)))
-        except ValueError:
+        positions = _occurrences(prompt_ids, host.word_token_ids(clip, word))
+        if not positions:
             raise ValueError(f"'{word}' is not a word of the {where} prompt: name words it contains, separated by "
-                             f"commas") from None
-    return tuple(sorted(set(found)))
+                             f"commas")
+        found.update(positions)
+    return tuple(sorted(found))
+
+
+def _blend_positions(clip, source_ids, target_ids, words):
+    """Each blend word's tokens in whichever prompts hold it (a swapped word is in one of them only)."""
+    source, target = set(), set()
+    for word in words:
+        ids = host.word_token_ids(clip, word)
+        in_source, in_target = _occurrences(source_ids, ids), _occurrences(target_ids, ids)
+        if not in_source and not in_target:
+            raise ValueError(f"blend word '{word}' must occur in the source or the target prompt: name words of "
+                             f"those prompts, separated by commas")
+        source.update(in_source)
+        target.update(in_target)
+    return tuple(sorted(source)), tuple(sorted(target))
 
 
 class TrainFreePromptToPrompt:
@@ -96,11 +117,7 @@ class TrainFreePromptToPrompt:
                              "inversion's source prompt exactly, with the same CLIP")
         target = host.encode_text(clip, target_text)
         source_ids, target_ids = host.prompt_token_ids(clip, source_text), host.prompt_token_ids(clip, target_text)
-        words = _words(blend_words)
-        blend_source = _positions(clip, source_ids, [w for w in words if w in source_text], "source")
-        blend_target = _positions(clip, target_ids, [w for w in words if w in target_text], "target")
-        if any(w not in source_text and w not in target_text for w in words):
-            raise ValueError(f"blend words must occur in the source or the target prompt: {words}")
+        blend_source, blend_target = _blend_positions(clip, source_ids, target_ids, _words(blend_words))
         plan = p2p.make_plan(source_ids, target_ids, edit, cross_replace, self_replace,
                              reweight_tokens=_positions(clip, target_ids, _words(reweight_words), "target"),
                              reweight_scale=reweight_scale, blend_source_tokens=blend_source,

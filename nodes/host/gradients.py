@@ -44,7 +44,7 @@ def differentiating(model, title):
             yield
     except RuntimeError as error:
         text = str(error)
-        if not any(sign in text for sign in ("backward", "autograd", "Inference tensors", "grad")):
+        if not any(sign in text for sign in ("backward", "autograd", "Inference tensors")):
             raise
         family = FAMILY_NAMES.get(model_family(model), type(model.model.diffusion_model).__name__)
         raise UnsupportedModel(f"{title} needs gradients through the model, and this ComfyUI cannot differentiate "

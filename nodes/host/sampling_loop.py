@@ -12,7 +12,7 @@ import comfy.model_patcher
 import comfy.samplers
 import comfy.utils
 
-from .family import UnsupportedModel
+from .family import UnsupportedModel, model_sampling
 
 
 def run_loop(model, positive, negative, cfg, latent_shape, sigmas, body, seed=0, steps=None):
@@ -47,7 +47,8 @@ class Loop:
         self._k_model, self._guider, self._extra = k_model, guider, extra_args
         self.sigmas, self._progress, self.done = sigmas, progress, 0
         self.device = sigmas.device
-        self.sampling = guider.model_patcher.get_model_object("model_sampling")
+        self.sampling = model_sampling(guider.model_patcher)
+        self._parts, self._parts_options = {}, None
 
     # ---- model evaluations
 
@@ -60,17 +61,16 @@ class Loop:
     def denoise_parts(self, x, sigma, cfg):
         """``(guided, cond, uncond)`` denoised predictions at ``sigma``: the unconditional pass runs even at
         cfg 1, and the parts are read after the pre-CFG patches, as ComfyUI's own CFG++ samplers read them."""
-        seen = {}
-
-        def capture(args):
-            seen["cond"], seen["uncond"] = args["cond_denoised"], args["uncond_denoised"]
-            return args["denoised"]
-        options = comfy.model_patcher.set_model_options_post_cfg_function(
-            comfy.model_patcher.create_model_options_clone(self._extra["model_options"]), capture,
-            disable_cfg1_optimization=True)
+        if self._parts_options is None:  # the model options with the reading post-CFG function, made once per run
+            def capture(args):
+                self._parts["cond"], self._parts["uncond"] = args["cond_denoised"], args["uncond_denoised"]
+                return args["denoised"]
+            self._parts_options = comfy.model_patcher.set_model_options_post_cfg_function(
+                comfy.model_patcher.create_model_options_clone(self._extra["model_options"]), capture,
+                disable_cfg1_optimization=True)
         with self._scale(cfg):
-            guided = self._k_model(x, self._sigma_rows(x, sigma), **{**self._extra, "model_options": options})
-        return guided, seen["cond"], seen["uncond"]
+            guided = self._k_model(x, self._sigma_rows(x, sigma), **{**self._extra, "model_options": self._parts_options})
+        return guided, self._parts.pop("cond"), self._parts.pop("uncond")
 
     def uncond_with_grad(self, x, sigma, cross):
         """The unconditional prediction for text embedding ``cross``, differentiable in ``cross`` (call inside

@@ -66,7 +66,8 @@ def test_inner_loop_fits_the_unconditional_embedding_and_stops_early():
 
     def uncond(e):
         return (e @ weight.T).reshape(1, 4, 1, 1).expand(1, 4, 4, 4)
-    target = ops.sample_step(x, 2.0, 1.0, ops.guided_prediction(cond, uncond(wanted), 7.5))
+    guided = uncond(wanted) + 7.5 * (cond - uncond(wanted))
+    target = guided + (x - guided) * (1.0 / 2.0)          # the DDIM step from sigma 2 to 1
     start = torch.zeros(1, 8)
     _, _, first_loss = ops.optimise_null_embedding(start, uncond, cond, x, 2.0, 1.0, target, 7.5, 1, 0.05, -1.0)
     found, done, loss = ops.optimise_null_embedding(start, uncond, cond, x, 2.0, 1.0, target, 7.5, 500, 0.05, 1e-4)
@@ -76,18 +77,19 @@ def test_inner_loop_fits_the_unconditional_embedding_and_stops_early():
 
 def test_proximal_operators():
     delta = torch.tensor([[-4.0, -1.0, 0.5, 2.0, 3.0]])
-    tau = torch.quantile(delta.abs(), 0.5).item()   # 2.0
-    torch.testing.assert_close(ops.proximal(delta, 0.5, "l0"), torch.tensor([[-4.0, 0.0, 0.0, 2.0, 3.0]]))
-    torch.testing.assert_close(ops.proximal(delta, 0.5, "l1"), torch.tensor([[-2.0, 0.0, 0.0, 0.0, 1.0]]))
-    assert tau == 2.0
-    torch.testing.assert_close(ops.proximal(delta, 0.0), delta)       # quantile 0 keeps everything
-    torch.testing.assert_close(ops.proximal_mask(delta, 0.5), torch.tensor([[1.0, 0.0, 0.0, 0.0, 1.0]]))
+    tau = ops.proximal_threshold(delta, 0.5)
+    assert tau.tolist() == [[2.0]]                                    # the median of |delta|
+    torch.testing.assert_close(ops.proximal(delta, tau, "l0"), torch.tensor([[-4.0, 0.0, 0.0, 2.0, 3.0]]))
+    torch.testing.assert_close(ops.proximal(delta, tau, "l1"), torch.tensor([[-2.0, 0.0, 0.0, 0.0, 1.0]]))
+    torch.testing.assert_close(ops.proximal(delta, ops.proximal_threshold(delta, 0.0)), delta)  # keeps everything
+    torch.testing.assert_close(ops.proximal_mask(delta, tau), torch.tensor([[1.0, 0.0, 0.0, 0.0, 1.0]]))
 
 
 def test_proximal_mask_grows_by_the_dilation():
     delta = torch.zeros(2, 1, 9, 9)
     delta[:, :, 4, 4] = 1.0
+    tau = ops.proximal_threshold(delta, 0.5)
     for radius in (0, 1, 2):
-        mask = ops.proximal_mask(delta, 0.5, radius)
+        mask = ops.proximal_mask(delta, tau, radius)
         assert mask.sum(dim=(1, 2, 3)).tolist() == [(2 * radius + 1) ** 2] * 2
         assert mask[0, 0, 4 - radius:5 + radius, 4 - radius:5 + radius].eq(1).all()

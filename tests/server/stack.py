@@ -60,17 +60,21 @@ def stack_prompt(object_info, patches=None, width=128, height=128, batch=1, step
     return {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in prompt.items()}
 
 
+def _inverted(scheduler_id, invert_id, model, positive, latent, scheduler, steps, fixed_point_iterations):
+    """A schedule and the inversion of ``latent`` on it (guidance 1, the Euler / DDIM step)."""
+    return {scheduler_id: {"class_type": "BasicScheduler", "inputs": {"model": model, "scheduler": scheduler,
+                                                                      "steps": steps, "denoise": 1.0}},
+            invert_id: {"class_type": "TrainFreeInvert", "inputs": {
+                "model": model, "positive": positive, "latent": latent, "sigmas": [scheduler_id, 0],
+                "sampler": "euler", "guidance": 1.0, "fixed_point_iterations": fixed_point_iterations}}}
+
+
 def inversion_chain(model, caption, steps):
     """The sampled image inverted, null-text optimised (and saved) and edited with prompt-to-prompt (colour word
     swapped), decoded as node "87"; the example workflows' saved inversion loaded and sampled, decoded as "88"."""
     target = caption.replace(caption.split()[1], "blue" if caption.split()[1] != "blue" else "red", 1)
     return {
-        "80": {"class_type": "BasicScheduler", "inputs": {"model": model, "scheduler": "normal", "steps": steps,
-                                                          "denoise": 1.0}},
-        "81": {"class_type": "TrainFreeInvert", "inputs": {"model": model, "positive": ["90", 0],
-                                                           "latent": ["93", 0], "sigmas": ["80", 0],
-                                                           "sampler": "euler", "guidance": 1.0,
-                                                           "fixed_point_iterations": 1}},
+        **_inverted("80", "81", model, ["90", 0], ["93", 0], "normal", steps, fixed_point_iterations=1),
         "82": {"class_type": "TrainFreeNullTextInversion", "inputs": {"model": model, "inversion": ["81", 0],
                                                                       "negative": ["91", 0], "cfg": 7.5,
                                                                       "inner_steps": 2, "learning_rate": 0.01,
@@ -105,12 +109,7 @@ def flow_chain(caption, steps):
         "74": {"class_type": "KSampler", "inputs": {
             "model": model, "seed": 1, "steps": steps, "cfg": 5.0, "sampler_name": "euler", "scheduler": "simple",
             "positive": ["71", 0], "negative": ["72", 0], "latent_image": ["73", 0], "denoise": 1.0}},
-        "75": {"class_type": "BasicScheduler", "inputs": {"model": model, "scheduler": "simple", "steps": steps,
-                                                          "denoise": 1.0}},
-        "76": {"class_type": "TrainFreeInvert", "inputs": {"model": model, "positive": ["71", 0],
-                                                           "latent": ["74", 0], "sigmas": ["75", 0],
-                                                           "sampler": "euler", "guidance": 1.0,
-                                                           "fixed_point_iterations": 0}},
+        **_inverted("75", "76", model, ["71", 0], ["74", 0], "simple", steps, fixed_point_iterations=0),
         "77": {"class_type": "TrainFreeFlowOpt", "inputs": {"model": model, "inversion": ["76", 0],
                                                             "positive": ["71", 0], "negative": ["72", 0],
                                                             "cfg": 5.0, "n_max": steps, "iterations": 2,
