@@ -185,11 +185,6 @@ def replace_cross(source_probs, target_probs, plan):
     return reweight(out, plan.reweight_tokens, plan.reweight_scale) if plan.reweights else out
 
 
-def replace_self(source_probs, target_probs):
-    """The target's self-attention probabilities in a replacement step: the source's."""
-    return source_probs.expand_as(target_probs)
-
-
 def reweight(probs, tokens, scale):
     """Scale the attention given to the key tokens ``tokens`` (the official equalizer; no renormalisation)."""
     factor = torch.ones(probs.shape[-1], dtype=probs.dtype, device=probs.device)

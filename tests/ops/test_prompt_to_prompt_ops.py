@@ -98,11 +98,6 @@ def test_reweight_scales_exactly_the_chosen_columns_after_replacement():
     assert p2p.make_plan(pad(A, CAT), pad(A, CAT), "reweight", reweight_tokens=(2,)).injects_whole_map
 
 
-def test_replace_self_is_the_source_map():
-    source, target = probs((1, 2, 16, 16), 0), probs((1, 2, 16, 16), 1)
-    assert torch.equal(p2p.replace_self(source, target), source)
-
-
 def test_map_size_and_blend_level():
     assert p2p.map_size(64 * 64, 64, 64) == (64, 64) and p2p.map_size(16 * 16, 64, 64) == (16, 16)
     assert p2p.map_size(4 * 3, 13, 9) == (4, 3)  # 13x9 -> 7x5 -> 4x3
