@@ -36,11 +36,13 @@ class TrainFreeAPG(ModelPatchNode):
     def patch(self, model, eta, norm_threshold, momentum):
         m = model.clone()
         threshold = math.inf if norm_threshold == 0 else norm_threshold
-        scope = host.RunScope(m, host.new_key("apg"), lambda *_: SimpleNamespace(
-            buffer=apg.MomentumBuffer(momentum) if momentum else None))
+        # one momentum buffer per latent shape: a cascade (FreCaS) starts each resolution with fresh momentum
+        scope = host.RunScope(m, host.new_key("apg"), lambda *_: SimpleNamespace(buffers={}))
 
         def technique(cond, uncond, scale, sigma, x):
-            buffer = scope.state.buffer if scope.state is not None else None
+            buffer = None
+            if momentum and scope.state is not None:
+                buffer = scope.state.buffers.setdefault(tuple(x.shape), apg.MomentumBuffer(momentum))
             return apg.apg(cond, uncond, scale, eta, threshold, buffer)
 
         host.add_guidance_delta(m, technique, needs_uncond=False)

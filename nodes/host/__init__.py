@@ -8,6 +8,7 @@
 - ``cross_attention``: Prompt-to-Prompt's attention control (source maps injected into a target branch);
 - ``building``: models built from ComfyUI's own classes (the reference models);
 - ``sampling_loop``: the pack's own sampling loops run inside ComfyUI's guider (inversion and its replay);
+- ``cascade``: sampling in stages of growing resolution (FreCaS) as a SAMPLER;
 - ``gradients``: gradients through the model despite ComfyUI's inference mode (null-text inversion);
 - ``inversion_store``: inversions as files in ComfyUI's folders, and the model fingerprint they carry.
 
@@ -16,6 +17,8 @@ resolutions) gets a module of its own here. Everything goes through ComfyUI's sa
 between ComfyUI versions are found by feature probes (listed by ``probes()``), never by version strings. Node
 modules use this package and ``guidance_ops``, nothing else.
 """
+from .cascade import Plan as CascadePlan
+from .cascade import cascade_sampler, cascade_sigmas
 from .attention import FLUX_STATES_IMG_SLICE, HAS_ATTENTION_OVERRIDE, perturb_self_attention
 from .building import (build_diffusion_model, build_flux_text_encoder, build_kl_autoencoder, build_sd1_text_encoder,
                        flux_state_dict_for_saving, load_reference_model, unpack_weights)
@@ -32,7 +35,7 @@ from .inversion_store import save as save_inversion
 from .inversion_store import saved_names as saved_inversions
 from .sampling_loop import run_loop
 from .family import (DIT_FAMILIES, FAMILY_NAMES, UNET_FAMILIES, UnsupportedModel, attention_layers, is_flow_model,
-                     model_family, model_sampling, percent_to_sigma, prediction_space, require_family,
+                     latent_channels, model_family, model_sampling, percent_to_sigma, prediction_space, require_family,
                      require_same_family, same_family, sigma_to_timestep)
 from .runs import CLONE_DEEP_COPIES_OBJECTS, RunScope, Wrappers, check_latent, guard_latent, new_key, run_reports
 

@@ -63,8 +63,13 @@ def chain_unet_replace(model, which, kind, block, transformers, link):
     for the transformers in ``transformers`` (None: all). ``previous`` is what ran there before: another patch or
     ComfyUI's attention. Registered at (block, id) like core nodes do, and also around any per-transformer patch
     already there, since ComfyUI looks up (block, id, transformer) first and it would shadow ours."""
-    replace = model.model_options.setdefault("transformer_options", {}).setdefault(
-        "patches_replace", {}).setdefault(which, {})
+    chain_unet_replace_in(model.model_options.setdefault("transformer_options", {}), which, kind, block,
+                          transformers, link)
+
+
+def chain_unet_replace_in(transformer_options, which, kind, block, transformers, link):
+    """``chain_unet_replace`` on a transformer_options dict (a sampler's own model options)."""
+    replace = transformer_options.setdefault("patches_replace", {}).setdefault(which, {})
     keys = [(kind, block)] + [k for k in replace if len(k) == 3 and k[:2] == (kind, block)
                               and (transformers is None or k[2] in transformers)]
     for target in keys:

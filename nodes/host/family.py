@@ -85,6 +85,10 @@ def attention_layers(model):
     return {}
 
 
+def latent_channels(model):
+    return model.model.latent_format.latent_channels
+
+
 def model_sampling(model):
     return model.get_model_object("model_sampling")
 
