@@ -91,3 +91,28 @@ def frechet_distance(x, y):
     root_x = _sqrtm_psd(cov_x)
     cross = _sqrtm_psd(root_x @ cov_y @ root_x)
     return ((mu_x - mu_y).pow(2).sum() + torch.trace(cov_x) + torch.trace(cov_y) - 2 * torch.trace(cross)).item()
+
+
+def component_sizes(mask):
+    """Pixel counts of the 8-connected components of each mask ``[N, 1, H, W]`` (bool): a list per image, largest
+    first. Labels spread by 3x3 max-pooling until they settle: every component ends up carrying its largest
+    pixel index."""
+    mask = mask.bool()
+    n = mask.shape[0]
+    index = torch.arange(1, mask[0].numel() + 1, dtype=torch.float64).reshape(mask.shape[1:])
+    labels = torch.where(mask, index.expand_as(mask), torch.zeros((), dtype=torch.float64))
+    while True:
+        spread = torch.where(mask, F.max_pool2d(labels, 3, stride=1, padding=1), labels)
+        if torch.equal(spread, labels):
+            break
+        labels = spread
+    sizes = []
+    for i in range(n):
+        found = labels[i][mask[i]].long()
+        sizes.append(sorted(torch.unique(found, return_counts=True)[1].tolist(), reverse=True))
+    return sizes
+
+
+def component_count(mask, min_pixels):
+    """Number of 8-connected components of at least ``min_pixels`` pixels in each mask ``[N, 1, H, W]``."""
+    return [sum(s >= min_pixels for s in sizes) for sizes in component_sizes(mask)]
