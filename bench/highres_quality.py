@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import sys
 import time
 
 import torch
@@ -240,11 +241,11 @@ def run(models=tuple(MODELS), factors=SIDE_FACTORS, methods=METHODS, prompts=10,
                 # rows: each method's first grid_seeds seeds; columns: the prompts
                 grid = torch.cat([t.transpose(0, 1) for t in tiles]).flatten(0, 1)
                 save_grid(grid, prompts, os.path.join(grid_dir, grid_name(model, factor)))
-    return {"command": command(models, factors, methods, prompts, per_prompt, seed),
-            "host": comfy_host.host_label().split(" ")[0], "torch_threads": 1, "prompts": prompts,
+    return {"host": comfy_host.host_label().split(" ")[0], "torch_threads": 1, "prompts": prompts,
             "per_prompt": per_prompt, "seed": seed, "steps": STEPS, "base_side": BASE,
             "ink_threshold": INK_THRESHOLD, "min_component_px": MIN_COMPONENT,
             "real_digit_ceiling": real_ceiling(), "captions": [digits.caption(*c) for c in captions],
+            "sampling_seconds": sum(r["seconds_per_image"] * prompts * per_prompt for r in rows if "skipped" not in r),
             "grid_rows": f"per method (in the order {list(methods)}), its first {grid_seeds} seeds",
             "rows": rows}
 
@@ -258,18 +259,6 @@ def save_grid(images, columns, path):
 
 def grid_name(model, factor):
     return f"highres_{model}_{side(factor)}.png"
-
-
-def command(models, factors, methods, prompts, per_prompt, seed):
-    parts = ["python -m bench.highres_quality"]
-    if tuple(models) != tuple(MODELS):
-        parts.append("--models " + " ".join(models))
-    if tuple(factors) != SIDE_FACTORS:
-        parts.append("--side-factors " + " ".join(map(str, factors)))
-    if tuple(methods) != METHODS:
-        parts.append("--methods " + " ".join(methods))
-    parts.append(f"--prompts {prompts} --per-prompt {per_prompt} --seed {seed}")
-    return " ".join(parts)
 
 
 def format_row(row):
@@ -298,7 +287,8 @@ def tables(result):
         lines.append("")
     ceiling = result["real_digit_ceiling"]
     lines.append(f"Held-out real digits at 128 px under the same component rule: "
-                 f"{ceiling['one_component_share']:.2f} of {ceiling['real_digits']} are one component.")
+                 f"{ceiling['one_component_share']:.2f} of {ceiling['real_digits']} are one component. Sampling time "
+                 f"of the whole run: {result['sampling_seconds'] / 60:.0f} minutes.")
     return "\n".join(lines)
 
 
@@ -348,6 +338,9 @@ def main():
     out = args.out or os.path.join(OUT, "highres_quality.json")
     result = run(args.models, args.side_factors, args.methods, args.prompts, args.per_prompt, args.seed,
                  args.grid_dir or os.path.dirname(os.path.abspath(out)), reuse=args.reuse)
+    # the command that reproduces the file (--reuse only saves time: the numbers are the same)
+    result = {"command": " ".join(["python -m bench.highres_quality"] + [a for a in sys.argv[1:] if a != "--reuse"]),
+              **result}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
