@@ -27,6 +27,7 @@ LATENT_NODES = ("EmptyLatentImage", "EmptySD3LatentImage")
 SAMPLER_NODES = ("KSampler", "KSamplerAdvanced")
 SCHEDULER_NODES = ("BasicScheduler",)  # an inversion's schedule: its steps are capped like a sampler's
 EDIT_NODES = ("TrainFreeSampleFromInversion", "TrainFreePromptToPrompt", "TrainFreeFlowOpt")  # sample inversions
+CASCADE_NODES = ("TrainFreeFreCaS",)  # plan a cascade for SamplerCustomAdvanced: sizes and stage steps are capped
 
 
 class _TinyLoader:
@@ -128,7 +129,18 @@ def to_test_prompt(path, max_size=128, max_steps=4):
         node["inputs"]["steps"] = min(node["inputs"]["steps"], max_steps)
     for node in _each(prompt, ("TrainFreeFlowOpt",)):  # it regenerates at most the schedule's steps
         node["inputs"]["n_max"] = min(node["inputs"]["n_max"], max_steps)
+    for node in _each(prompt, CASCADE_NODES):
+        node["inputs"].update(width=max_size, height=max_size, base_width=max_size // 2, base_height=max_size // 2,
+                              stage_steps=capped_stage_steps(node["inputs"]["stage_steps"], max_steps))
     return prompt
+
+
+def capped_stage_steps(text, total):
+    """A cascade's per-stage steps scaled down to about ``total`` in all, at least one per stage."""
+    steps = [int(part) for part in text.split(",")]
+    if sum(steps) > total:
+        steps = [max(1, round(n * total / sum(steps))) for n in steps]
+    return ", ".join(str(n) for n in steps)
 
 
 DIGIT_CAPTION = "a red digit seven on a dark background"
@@ -153,7 +165,8 @@ def reference_workflow(workflow, steps=6, batch=1, caption=DIGIT_CAPTION, seed=N
     steps capped at ``steps``), its positive
     prompt to ``caption`` and its negative to "". On the Flux-class model, which has no guidance embedding, the
     CFG scale is set to ``FLUX_REFERENCE_CFG``; FluxGuidance stays (the model ignores it), and so it does on SD1.5.
-    The browser tests load this; ``to_reference_prompt`` converts it."""
+    A CFGGuider's prompts are set like KSampler's; a FreCaS cascade goes from the reference size to twice its side
+    with its stage steps scaled to about ``steps``. The browser tests load this; ``to_reference_prompt`` converts it."""
     workflow = json.loads(json.dumps(workflow))
     family = reference_family(workflow)
     nodes = {node["id"]: node for node in workflow["nodes"]}
@@ -180,6 +193,15 @@ def reference_workflow(workflow, steps=6, batch=1, caption=DIGIT_CAPTION, seed=N
                 values[3] = FLUX_REFERENCE_CFG
             _text_node(nodes, links, node, "positive")["widgets_values"][0] = caption
             _text_node(nodes, links, node, "negative")["widgets_values"][0] = ""
+        elif kind == "CFGGuider":  # cfg; its prompts like KSampler's
+            _text_node(nodes, links, node, "positive")["widgets_values"][0] = caption
+            _text_node(nodes, links, node, "negative")["widgets_values"][0] = ""
+        elif kind == "RandomNoise" and seed is not None:  # noise_seed, its control entry
+            node["widgets_values"][0] = seed
+        elif kind in CASCADE_NODES:  # width, height, batch, base width, base height, stage steps, ...
+            values = node["widgets_values"]
+            values[:6] = [2 * REFERENCE_SIZE, 2 * REFERENCE_SIZE, batch, REFERENCE_SIZE, REFERENCE_SIZE,
+                          capped_stage_steps(values[5], steps)]
         elif kind in SCHEDULER_NODES:
             node["widgets_values"][1] = min(node["widgets_values"][1], steps)
         elif kind == "TrainFreeFlowOpt":  # cfg, n_max, ...: it regenerates at most the schedule's steps
