@@ -10,9 +10,11 @@ and one for its down- or upsampler's convolution ("sites" below; the host maps t
 ``down_blocks.i``, ``down_blocks.i.downsamplers``, ``mid_block``, ``up_blocks.j``, ``up_blocks.j.upsamplers``.
 Level ``down_blocks.r`` and ``up_blocks.(L - 1 - r)`` share resolution r of a UNet with L levels.
 """
+import functools
 import math
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 
 # ---------------------------------------------------------------- the re-dilated convolution
@@ -37,6 +39,43 @@ def redilated_conv(x, weight, bias, factor, stride=1, groups=1):
     if tuple(out.shape[-2:]) != out_size:
         out = F.interpolate(out, size=out_size, mode="bilinear")
     return out
+
+
+def dispersed_conv(x, weight, bias, factor, stride=1, groups=1):
+    """Dispersed convolution: the 3x3 kernel spread onto 5x5 by ``dispersion_transform()``, then run re-dilated
+    at ``factor`` (the official code halves the table's factor where it disperses)."""
+    if tuple(weight.shape[-2:]) != (3, 3):
+        raise ValueError(f"dispersion maps 3x3 kernels; this one is {tuple(weight.shape[-2:])}")
+    transform = dispersion_transform().to(device=weight.device, dtype=weight.dtype)
+    spread = torch.einsum("ls,ois->oil", transform, weight.flatten(2)).unflatten(2, (5, 5))
+    return redilated_conv(x, spread, bias, factor, stride, groups)
+
+
+@functools.lru_cache(maxsize=None)
+def dispersion_transform(small=3, large=5, input_size=3, scale=2, eta=0.05):
+    """R (large^2 x small^2, row-major kernels): the large kernel R a that best stands in for the small kernel a on
+    inputs ``scale`` times larger, by least squares over every input position (ScaleCrafter's kernel_disperse.m,
+    solved numerically here): structure term, the large kernel on the bilinearly upsampled input against the
+    small kernel's upsampled output; pixel term (weight ``eta``), both kernels on the input itself. The defaults
+    are the README's call, kernel_disperse(3, 5, 3, 2, 0.05), which gives transforms/R20to1_new.mat."""
+    n, up = input_size, scale * (input_size - 1) + 1
+    inputs = torch.eye(n * n, dtype=torch.float64).reshape(n * n, 1, n, n)
+
+    def upsample(t):  # the .m file's bilinear upsampling keeps the corners: align_corners=True
+        return F.interpolate(t, size=(up, up), mode="bilinear", align_corners=True)
+
+    def responses(x, size):  # [input pixel j, kernel tap k, output p] -> rows (j, p), columns k
+        taps = torch.eye(size * size, dtype=torch.float64).reshape(size * size, 1, size, size)
+        out = F.conv2d(x, taps, padding=(size - 1) // 2)
+        return out.permute(0, 2, 3, 1).reshape(-1, size * size)
+
+    small_out = F.conv2d(inputs, torch.eye(small * small, dtype=torch.float64).reshape(-1, 1, small, small),
+                         padding=(small - 1) // 2)
+    small_up = upsample(small_out.reshape(-1, 1, n, n)).reshape(n * n, small * small, up, up)
+    lhs = torch.cat([responses(upsample(inputs), large), eta * responses(inputs, large)])
+    rhs = torch.cat([small_up.permute(0, 2, 3, 1).reshape(-1, small * small),
+                     eta * small_out.permute(0, 2, 3, 1).reshape(-1, small * small)])
+    return torch.linalg.solve(lhs.T @ lhs, lhs.T @ rhs)
 
 
 # ---------------------------------------------------------------- when and how much
@@ -101,10 +140,13 @@ class Preset:
     tau: float  # dilate_tau / 50 of the official config (also its ndcfg_tau where it has a weak table)
     progressive: bool
     weak_table: dict = None  # the noise-damped CFG's weak re-dilation (ndcfg_dilate_settings), if any
+    disperse: tuple = ()  # sites of the dispersed convolution (disperse_settings), if any
     pixels: int = 0  # generic presets: 4 or 16 times the training pixel count
 
 
 _SD_4X = level_table(down={1: (2, 2), 2: (2, 2), 3: (2, None)}, mid=2, up={0: (2, 2), 1: (2, 2), 2: (2, 2)})
+_SD_DISPERSE = ("down_blocks.2.downsamplers", "down_blocks.3", "mid_block", "up_blocks.0",
+                      "up_blocks.0.upsamplers", "up_blocks.1", "up_blocks.1.upsamplers")
 # SDXL has three levels: the official SDXL files also list down_blocks.3, down_blocks.2.downsamplers and
 # up_blocks.2.upsamplers, which SDXL lacks (diffusers skips names it does not find); they are left out here.
 PRESETS = {p.name: p for p in (
@@ -112,27 +154,39 @@ PRESETS = {p.name: p for p in (
     Preset("SD1.5 2048x2048 (16x pixels)", 4,
            level_table(down={1: (2, 2), 2: (3, 3), 3: (4, None)}, mid=4, up={0: (4, 4), 1: (3, 3), 2: (2, 2)}),
            35 / 50, True,
-           level_table(down={2: (3, 3), 3: (4, None)}, mid=4, up={0: (4, 4), 1: (3, 3)})),
+           level_table(down={2: (3, 3), 3: (4, None)}, mid=4, up={0: (4, 4), 1: (3, 3)}), _SD_DISPERSE),
     Preset("SD2.1 1024x1024 (4x pixels)", 4, _SD_4X, 20 / 50, False),
     Preset("SD2.1 2048x2048 (16x pixels)", 4,
            level_table(down={2: (3, 4), 3: (4, None)}, mid=4, up={0: (4, 4), 1: (4, 4), 2: (3, 3), 3: (2, None)}),
            37 / 50, True,
-           level_table(down={2: (3, 4), 3: (4, None)}, mid=4, up={0: (4, 4), 1: (4, 4), 2: (3, 3)})),
+           level_table(down={2: (3, 4), 3: (4, None)}, mid=4, up={0: (4, 4), 1: (4, 4), 2: (3, 3)}), _SD_DISPERSE),
     Preset("SDXL 2048x2048 (4x pixels)", 3, level_table(mid=2, up={0: (2, 2)}), 30 / 50, False),
     Preset("SDXL 4096x4096 (16x pixels)", 3,
            level_table(down={2: (4, None)}, mid=4, up={0: (4, 4), 1: (3, 3), 2: (2, None)}), 35 / 50, True,
-           level_table(mid=2, up={0: (2, 2)})),
+           level_table(mid=2, up={0: (2, 2)}),
+           ("down_blocks.2", "mid_block", "up_blocks.0", "up_blocks.0.upsamplers")),
     Preset("generic 4x pixels", 0, None, 30 / 50, False, pixels=4),
     Preset("generic 16x pixels", 0, None, 35 / 50, True, pixels=16),
 )}
 
 
+def generic_disperse(levels):
+    """SD1.5's dispersion sites by depth: the two deepest levels, the middle block and the downsampler into the
+    deepest level (only where the table dilates: on two levels the outermost stays vanilla)."""
+    return (f"down_blocks.{levels - 2}.downsamplers", f"down_blocks.{levels - 1}", "mid_block", "up_blocks.0",
+                  "up_blocks.0.upsamplers", "up_blocks.1", "up_blocks.1.upsamplers")
+
+
 def preset_tables(preset, levels):
-    """(table, weak table or None) of ``preset`` for a UNet of ``levels`` levels."""
+    """(table, weak table or None, dispersion sites) of ``preset`` for a UNet of ``levels`` levels; dispersion
+    sites only where the table dilates."""
     if preset.levels:
-        return preset.table, preset.weak_table
-    return generic_table(levels, preset.pixels), (generic_table(levels, 16, weak=True) if preset.pixels == 16
-                                                   else None)
+        table, weak, disperse = preset.table, preset.weak_table, preset.disperse
+    else:
+        table = generic_table(levels, preset.pixels)
+        weak = generic_table(levels, 16, weak=True) if preset.pixels == 16 else None
+        disperse = generic_disperse(levels) if preset.pixels == 16 else ()
+    return table, weak, tuple(site for site in disperse if site in table)
 
 
 def fitting_presets(levels):

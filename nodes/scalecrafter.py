@@ -22,7 +22,8 @@ class ScaleCrafterRun:
     evaluations: int = 0
     dilated: int = 0
     weak_passes: int = 0
-    used: dict = field(default_factory=dict)  # {(path, weak): set of factors}
+    dispersed: int = 0  # evaluations with dispersed convolutions
+    used: dict = field(default_factory=dict)  # {(path, weak): set of factors run}
 
 
 def _paper_values():
@@ -37,8 +38,9 @@ class TrainFreeScaleCrafter(ModelPatchNode):
                    "count, the 3x3 convolutions of its inner levels run with their kernels dilated (by the "
                    "official per-level tables) during the early steps, which keeps objects from repeating. "
                    "Optional noise-damped CFG (16x presets): the unconditional base comes from a weakly re-dilated "
-                   "pass of the same model (+1 unconditional pass per damped step). Dispersed convolution is not "
-                   "implemented (every released config of the paper sets inflate_tau 0, i.e. leaves it off). "
+                   "pass of the same model (+1 unconditional pass per damped step). Optional dispersed convolution "
+                   "(16x presets; off by default, as in every released config): the 3x3 kernels of the listed "
+                   "sites spread to 5x5 by the official least-squares transform, at half the dilation. "
                    "SD1.5 / SD2.x / SDXL; for SD3 / Flux use FreCaS.")
 
     @classmethod
@@ -64,9 +66,15 @@ class TrainFreeScaleCrafter(ModelPatchNode):
                                                  "steps, the weak unconditional pass with the preset's weak table. "
                                                  "Only presets with a weak table (16x) have it; their default is on. "
                                                  "Needs cfg > 1."}),
+            "disperse_percent": ("FLOAT", {
+                "default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                "tooltip": "Dispersed convolution for this share of the schedule (at most dilate_percent): the "
+                           "preset's dispersion sites (16x presets) run their 3x3 kernel spread to 5x5 (the "
+                           "official transform, kernel_disperse(3, 5, 3, 2, 0.05)) at half the dilation. 0 = off, "
+                           "as in every released config (inflate_tau 0)."}),
         }}
 
-    def patch(self, model, preset, dilate_percent, progressive, noise_damped):
+    def patch(self, model, preset, dilate_percent, progressive, noise_damped, disperse_percent):
         family = host.model_family(model)
         if family in host.DIT_FAMILIES:
             raise host.UnsupportedModel(f"ScaleCrafter re-dilates UNet convolutions; {host.FAMILY_NAMES[family]} is "
@@ -78,7 +86,7 @@ class TrainFreeScaleCrafter(ModelPatchNode):
                 raise ValueError(f"input {name!r} is {value!r}: choose one of {', '.join(choices)}")
         chosen = redilation.PRESETS[preset]
         sites, levels = host.unet_conv_sites(model)
-        table, weak_table = redilation.preset_tables(chosen, levels)
+        table, weak_table, disperse_sites = redilation.preset_tables(chosen, levels)
         strong = redilation.conv_factors(chosen, table, sites, levels)
         damped = weak_table is not None if noise_damped == PRESET_DEFAULT else noise_damped == ON
         if damped and weak_table is None:
@@ -90,6 +98,13 @@ class TrainFreeScaleCrafter(ModelPatchNode):
             raise ValueError(f"input 'dilate_percent' is {dilate_percent}: enter -1 (the preset's value) or a share "
                              f"from 0 to 1")
         decay = chosen.progressive if progressive == PRESET_DEFAULT else progressive == ON
+        if disperse_percent > 0 and not disperse_sites:
+            raise ValueError(f"preset {preset!r} has no dispersion sites (the paper disperses only in its 16x "
+                             f"settings): set disperse_percent to 0 or choose a 16x preset")
+        if disperse_percent > tau:
+            raise ValueError(f"disperse_percent ({disperse_percent}) exceeds dilate_percent ({tau}): dispersion "
+                             f"runs inside the re-dilated steps (at half their dilation); lower it")
+        spread = set(redilation.conv_factors(chosen, {site: 1 for site in disperse_sites}, sites, levels))
 
         m = model.clone()
         key = host.new_key("scalecrafter")
@@ -107,10 +122,13 @@ class TrainFreeScaleCrafter(ModelPatchNode):
             if p >= tau:
                 return None
             run.dilated += not is_weak
-            factors = {path: redilation.step_factor(f, p, tau, decay) for path, f in (weak if is_weak else strong)
-                       .items()}
-            for path, f in factors.items():
-                run.used.setdefault((path, is_weak), set()).add(f)
+            dispersing = p < disperse_percent
+            run.dispersed += dispersing and not is_weak
+            factors = {}
+            for path, f in (weak if is_weak else strong).items():
+                f = redilation.step_factor(f, p, tau, decay)
+                factors[path] = (f / 2, True) if dispersing and path in spread else (f, False)
+                run.used.setdefault((path, is_weak), set()).add(factors[path][0])
             return factors
 
         def post_cfg(args):
@@ -124,9 +142,11 @@ class TrainFreeScaleCrafter(ModelPatchNode):
             return args["denoised"] + (damped_cfg - (uncond + (cond - uncond) * scale))
 
         def finish(run):
-            log.info("TrainFree ScaleCrafter (%s): %d of %d evaluations re-dilated, %d convolutions, %d weak passes",
-                     preset, run.dilated, run.evaluations, len(run.conv_calls), run.weak_passes)
-            return {"evaluations": run.evaluations, "dilated": run.dilated, "weak_passes": run.weak_passes,
+            log.info("TrainFree ScaleCrafter (%s): %d of %d evaluations re-dilated (%d dispersed), %d convolutions, "
+                     "%d weak passes", preset, run.dilated, run.evaluations, run.dispersed, len(run.conv_calls),
+                     run.weak_passes)
+            return {"evaluations": run.evaluations, "dilated": run.dilated, "dispersed": run.dispersed,
+                    "weak_passes": run.weak_passes,
                     "conv_calls": dict(run.conv_calls),
                     "factors": {f"{path}{' (weak)' if w else ''}": sorted(fs) for (path, w), fs in run.used.items()}}
 

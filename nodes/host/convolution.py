@@ -64,8 +64,8 @@ def unet_conv_sites(net):
 class RedilatedConv(torch.nn.Module):
     """Stands in a Conv2d's place. It holds the conv's own parameter and buffer dicts and reads and writes every
     other attribute through to the conv, so the model's keys stay the conv's and ComfyUI's weight patches (LoRA),
-    casts and offloading act on it as before. ``factor_of(path)`` gives the factor to run at, None: the wrapped
-    conv runs unchanged."""
+    casts and offloading act on it as before. ``factor_of(path)`` gives (factor, dispersed) to run at, None: the
+    wrapped conv runs unchanged."""
     _OWN = ("wrapped", "path", "factor_of", "training")
 
     def __init__(self, wrapped, path, factor_of):
@@ -90,23 +90,26 @@ class RedilatedConv(torch.nn.Module):
         delattr(self.wrapped, name)
 
     def forward(self, x, *args, **kwargs):
-        factor = self.factor_of(self.path)
-        if factor is None:
+        setting = self.factor_of(self.path)
+        if setting is None:
             return self.wrapped(x, *args, **kwargs)
+        factor, dispersed = setting
+        run = redilation.dispersed_conv if dispersed else redilation.redilated_conv
         conv = self.wrapped
         if getattr(conv, "comfy_cast_weights", False) or getattr(conv, "weight_function", None) \
                 or getattr(conv, "bias_function", None):
             weight, bias, offload = comfy.ops.cast_bias_weight(conv, x, offloadable=True)
             try:
-                return redilation.redilated_conv(x, weight, bias, factor, conv.stride, conv.groups)
+                return run(x, weight, bias, factor, conv.stride, conv.groups)
             finally:
                 comfy.ops.uncast_bias_weight(conv, weight, bias, offload)
-        return redilation.redilated_conv(x, conv.weight, conv.bias, factor, conv.stride, conv.groups)
+        return run(x, conv.weight, conv.bias, factor, conv.stride, conv.groups)
 
 
 def redilate_convolutions(model, scope, paths, choose):
     """Wrap the convolutions at ``paths`` (relative to the diffusion model) of the clone ``model``; on each model
-    evaluation of a run, ``choose(state, sigma, weak)`` gives ``{path: factor}`` or None (all run unchanged),
+    evaluation of a run, ``choose(state, sigma, weak)`` gives ``{path: (factor, dispersed)}`` or None (all run
+    unchanged; paths left out too),
     ``weak`` being True in the passes ``predict_weak_uncond`` makes. During the evaluation ``state.factors``
     holds that choice; each re-dilated call is counted in ``state.conv_calls[path]``."""
     def factor_of(path):

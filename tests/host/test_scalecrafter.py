@@ -10,9 +10,10 @@ UNETS = ("sd15", "sdxl")
 STEPS = 5
 
 
-def crafter(model, preset="generic 16x pixels", percent=-1.0, progressive="preset default", damped="preset default"):
+def crafter(model, preset="generic 16x pixels", percent=-1.0, progressive="preset default", damped="preset default",
+            disperse=0.0):
     return run_node("TrainFreeScaleCrafter", model=model, preset=preset, dilate_percent=percent,
-                    progressive=progressive, noise_damped=damped)[0]
+                    progressive=progressive, noise_damped=damped, disperse_percent=disperse)[0]
 
 
 def report(host, model):
@@ -218,3 +219,25 @@ def test_presets_for_another_architecture_are_refused(tiny, family):
         crafter(tiny(family), "SDXL 4096x4096 (16x pixels)")
     with pytest.raises(ValueError, match="no weak table"):
         crafter(tiny(family), "generic 4x pixels", damped="on")
+
+
+@pytest.mark.parametrize("family", UNETS)
+def test_dispersion_spreads_the_listed_kernels_in_its_share_of_the_steps_at_half_dilation(tiny, family, host):
+    model = tiny(family)
+    plain = sample(crafter(model, progressive="off", damped="off"), family, steps=STEPS)
+    patched = crafter(model, progressive="off", damped="off", disperse=0.35)
+    sigmas = Sigmas(patched)
+    out = sample(patched, family, steps=STEPS)
+    got = report(host, patched)
+    inside = [s for s in sigmas.sigmas if s > model.get_model_object("model_sampling").percent_to_sigma(0.35)]
+    assert 0 < got["dispersed"] == len(inside) < got["dilated"]
+    # generic 16x on two levels: factor 4 everywhere it dilates, 2 where (and while) dispersed
+    assert all(f == [2.0, 4] for path, f in got["factors"].items()), got["factors"]
+    assert (out - plain).abs().max() > 1e-3
+
+
+def test_dispersion_needs_a_16x_preset_and_fits_inside_the_dilated_steps(tiny):
+    with pytest.raises(ValueError, match="no dispersion sites"):
+        crafter(tiny("sd15"), "generic 4x pixels", disperse=0.2)
+    with pytest.raises(ValueError, match="exceeds dilate_percent"):
+        crafter(tiny("sd15"), percent=0.3, disperse=0.5)

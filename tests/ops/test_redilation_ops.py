@@ -132,3 +132,56 @@ def test_a_table_for_another_architecture_is_refused_naming_the_presets_that_fit
     sites = {s: [s] for s in redilation.generic_table(3, 4)}
     with pytest.raises(redilation.PresetMismatch, match=r"down_blocks\.3.*SDXL 2048x2048.*generic 4x pixels"):
         redilation.conv_factors(sd15, sd15.table, sites, 3)
+
+
+# transforms/R20to1_new.mat of the official repository (the transform its *_disperse configs load): R @ ones (the
+# dispersed kernel of an all-ones 3x3 kernel, what kernel_disperse.m's verbose plot shows) and R's first column
+OFFICIAL_R_ONES = [[0.591317, 0.331472, 0.55416, 0.331472, 0.591317],
+                   [0.331472, 0.186095, 0.3139, 0.186095, 0.331472],
+                   [0.55416, 0.3139, 0.518635, 0.3139, 0.55416],
+                   [0.331472, 0.186095, 0.3139, 0.186095, 0.331472],
+                   [0.591317, 0.331472, 0.55416, 0.331472, 0.591317]]
+OFFICIAL_R_FIRST = [[0.64879, 0.275788, -0.107225, 0.061662, -0.02628],
+                    [0.275788, 0.132799, -0.054891, 0.032346, -0.013887],
+                    [-0.107225, -0.054891, 0.022974, -0.013492, 0.005764],
+                    [0.061662, 0.032346, -0.013492, 0.007849, -0.003331],
+                    [-0.02628, -0.013887, 0.005764, -0.003331, 0.001407]]
+
+
+def test_dispersion_transform_is_the_official_r20to1_new():
+    R = redilation.dispersion_transform()
+    assert R.shape == (25, 9)
+    torch.testing.assert_close((R @ torch.ones(9, dtype=R.dtype)).reshape(5, 5),
+                               torch.tensor(OFFICIAL_R_ONES, dtype=R.dtype), atol=1e-6, rtol=0)
+    torch.testing.assert_close(R[:, 0].reshape(5, 5), torch.tensor(OFFICIAL_R_FIRST, dtype=R.dtype), atol=1e-6, rtol=0)
+    centre = torch.zeros(25, dtype=R.dtype)
+    centre[12] = 1
+    torch.testing.assert_close(R[:, 4], centre, atol=1e-12, rtol=0)  # a centre tap stays a centre tap
+
+
+def test_dispersed_conv_is_the_spread_kernel_dilated():
+    x, w, b = conv_inputs(11, size=16)
+    R = redilation.dispersion_transform().float()
+    spread = (w.flatten(2) @ R.T).reshape(4, 3, 5, 5)  # model.py inflate_kernels: einsum("mn, ion -> iom")
+    for factor, stride in ((1, 1), (2, 1), (2, 2)):
+        expected = F.conv2d(x, spread, b, stride=stride, padding=2 * factor, dilation=factor)
+        torch.testing.assert_close(redilation.dispersed_conv(x, w, b, factor, stride), expected)
+    with pytest.raises(ValueError, match="3x3"):
+        redilation.dispersed_conv(x, torch.zeros(4, 3, 1, 1), b, 1)
+
+
+def test_dispersion_sites_follow_the_official_settings():
+    p = redilation.PRESETS
+    sd15 = official(" ".join(f"{name}:1" for name in (
+        "down_blocks.2.downsamplers.0.conv down_blocks.3.resnets.0.conv1 up_blocks.0.resnets.0.conv1 "
+        "up_blocks.0.upsamplers.0.conv up_blocks.1.resnets.2.conv2 up_blocks.1.upsamplers.0.conv "
+        "mid_block.resnets.0.conv1").split()))
+    assert set(redilation.preset_tables(p["SD1.5 2048x2048 (16x pixels)"], 4)[2]) == set(sd15)
+    assert set(redilation.preset_tables(p["generic 16x pixels"], 4)[2]) == set(sd15)
+    # SDXL 4096: down_blocks.2 resnets, up_blocks.0 (+ upsampler), mid (its down_blocks.2.downsamplers: absent)
+    assert set(redilation.preset_tables(p["SDXL 4096x4096 (16x pixels)"], 3)[2]) == {
+        "down_blocks.2", "mid_block", "up_blocks.0", "up_blocks.0.upsamplers"}
+    assert redilation.preset_tables(p["SD1.5 1024x1024 (4x pixels)"], 4)[2] == ()
+    # two levels: only what the generic table dilates (the outermost up level stays vanilla)
+    assert set(redilation.preset_tables(p["generic 16x pixels"], 2)[2]) == {
+        "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.0.upsamplers"}
