@@ -1,4 +1,5 @@
-"""ScaleCrafter's re-dilation (with its noise-damped CFG) as a MODEL -> MODEL patch for UNets."""
+"""ScaleCrafter's re-dilation, with its noise-damped CFG and dispersed convolution, as a MODEL -> MODEL patch for
+UNets."""
 import logging
 from dataclasses import dataclass, field
 
@@ -17,12 +18,12 @@ PRESET_TAU = -1.0  # dilate_percent: take the preset's own share (the official c
 @dataclass
 class ScaleCrafterRun:
     timestep_of: object
-    factors: dict = None  # the host's: {conv path: factor} of the running evaluation
+    factors: dict = None  # the host's: {conv path: (factor, dispersed)} of the running evaluation
     conv_calls: dict = field(default_factory=dict)  # the host's: re-dilated calls per conv path
-    evaluations: int = 0
-    dilated: int = 0
+    evaluations: set = field(default_factory=set)  # sigmas evaluated (a batch ComfyUI splits is one evaluation)
+    dilated: set = field(default_factory=set)
+    dispersed: set = field(default_factory=set)
     weak_passes: int = 0
-    dispersed: int = 0  # evaluations with dispersed convolutions
     used: dict = field(default_factory=dict)  # {(path, weak): set of factors run}
 
 
@@ -55,7 +56,8 @@ class TrainFreeScaleCrafter(ModelPatchNode):
             "dilate_percent": ("FLOAT", {
                 "default": PRESET_TAU, "min": PRESET_TAU, "max": 1.0, "step": 0.01,
                 "tooltip": "Share of the schedule, from the start, whose steps are re-dilated (and noise-damped). "
-                           "-1 = the preset's paper value (dilate_tau / 50): " + _paper_values()
+                           "-1 = the preset's own value (the official dilate_tau / 50; generic ones: SD1.5's): "
+                           + _paper_values()
                            + ". 0 = off."}),
             "progressive": (SWITCH, {"default": PRESET_DEFAULT,
                                      "tooltip": "Dilation decays from the table's factor to 2 over the dilated "
@@ -117,13 +119,14 @@ class TrainFreeScaleCrafter(ModelPatchNode):
             return redilation.schedule_position(run.timestep_of(sigma))
 
         def choose(run, sigma, is_weak):
-            p = position(run, sigma)
-            run.evaluations += not is_weak
+            p, sigma = position(run, sigma), float(sigma)
+            run.evaluations.add(sigma)
             if p >= tau:
                 return None
-            run.dilated += not is_weak
+            run.dilated.add(sigma)
             dispersing = p < disperse_percent
-            run.dispersed += dispersing and not is_weak
+            if dispersing:
+                run.dispersed.add(sigma)
             factors = {}
             for path, f in (weak if is_weak else strong).items():
                 f = redilation.step_factor(f, p, tau, decay)
@@ -143,9 +146,9 @@ class TrainFreeScaleCrafter(ModelPatchNode):
 
         def finish(run):
             log.info("TrainFree ScaleCrafter (%s): %d of %d evaluations re-dilated (%d dispersed), %d convolutions, "
-                     "%d weak passes", preset, run.dilated, run.evaluations, run.dispersed, len(run.conv_calls),
-                     run.weak_passes)
-            return {"evaluations": run.evaluations, "dilated": run.dilated, "dispersed": run.dispersed,
+                     "%d weak passes", preset, len(run.dilated), len(run.evaluations), len(run.dispersed),
+                     len(run.conv_calls), run.weak_passes)
+            return {"evaluations": len(run.evaluations), "dilated": len(run.dilated), "dispersed": len(run.dispersed),
                     "weak_passes": run.weak_passes,
                     "conv_calls": dict(run.conv_calls),
                     "factors": {f"{path}{' (weak)' if w else ''}": sorted(fs) for (path, w), fs in run.used.items()}}

@@ -241,3 +241,33 @@ def test_dispersion_needs_a_16x_preset_and_fits_inside_the_dilated_steps(tiny):
         crafter(tiny("sd15"), "generic 4x pixels", disperse=0.2)
     with pytest.raises(ValueError, match="exceeds dilate_percent"):
         crafter(tiny("sd15"), percent=0.3, disperse=0.5)
+
+
+def test_casting_convolutions_take_their_weights_through_comfys_cast():
+    """Modules that cast their weights (manual-cast ops, offloaded or low-VRAM layers) are run with the weight and
+    bias ComfyUI's cast gives: with nothing to convert, the same result as the plain path."""
+    plain, casting = tiny_models.make_model("sd15"), tiny_models.make_model("sd15")
+    for module in casting.model.diffusion_model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.comfy_cast_weights = True
+    expected = sample(crafter(plain, damped="off", disperse=0.3), "sd15", steps=3)
+    assert torch.allclose(sample(crafter(casting, damped="off", disperse=0.3), "sd15", steps=3), expected,
+                          atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_half_precision_stays_in_its_dtype(dtype, host):
+    model = tiny_models.make_model("sd15", dtype=dtype)
+    seen = []
+
+    def record(executor, x, t, *args, **kwargs):
+        out = executor(x, t, *args, **kwargs)
+        seen.append(out.dtype)
+        return out
+    import comfy.patcher_extension as pe
+    base = sample(model, "sd15", steps=3)
+    patched = crafter(model, disperse=0.3)
+    patched.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "test_dtype", record)
+    out = sample(patched, "sd15", steps=3)
+    assert torch.isfinite(out).all() and (out - base).abs().max() > 1e-2
+    assert set(seen) == {dtype} and report(host, patched)["weak_passes"] > 0

@@ -15,7 +15,8 @@ def conv_inputs(seed, channels=3, out=4, k=3, size=12):
 
 
 @settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 2**16), factor=st.integers(1, 4), k=st.sampled_from([1, 3, 5]), stride=st.sampled_from([1, 2]))
+@given(seed=st.integers(0, 2**16), factor=st.integers(1, 4), k=st.sampled_from([1, 3, 5]),
+       stride=st.sampled_from([1, 2]))
 def test_integer_factor_is_torch_dilated_conv_with_size_keeping_padding(seed, factor, k, stride):
     x, w, b = conv_inputs(seed, k=k)
     expected = F.conv2d(x, w, b, stride=stride, padding=factor * (k - 1) // 2, dilation=factor)
@@ -153,7 +154,8 @@ def test_dispersion_transform_is_the_official_r20to1_new():
     assert R.shape == (25, 9)
     torch.testing.assert_close((R @ torch.ones(9, dtype=R.dtype)).reshape(5, 5),
                                torch.tensor(OFFICIAL_R_ONES, dtype=R.dtype), atol=1e-6, rtol=0)
-    torch.testing.assert_close(R[:, 0].reshape(5, 5), torch.tensor(OFFICIAL_R_FIRST, dtype=R.dtype), atol=1e-6, rtol=0)
+    torch.testing.assert_close(R[:, 0].reshape(5, 5), torch.tensor(OFFICIAL_R_FIRST, dtype=R.dtype), atol=1e-6,
+                               rtol=0)
     centre = torch.zeros(25, dtype=R.dtype)
     centre[12] = 1
     torch.testing.assert_close(R[:, 4], centre, atol=1e-12, rtol=0)  # a centre tap stays a centre tap
