@@ -17,7 +17,8 @@ PATHS = run_workflows.workflow_paths()
 NEUTRAL = {"TrainFreePAG": {"scale": 0.0},
            "TrainFreeAPG": {"eta": 1.0, "norm_threshold": 0.0, "momentum": 0.0},
            "TrainFreeGuidanceInterval": {"sigma_low": 0.0, "sigma_high": 1000.0},
-           "TrainFreeNoiseDampedCFG": {"damped_percent": 0.0}}
+           "TrainFreeNoiseDampedCFG": {"damped_percent": 0.0},
+           "TrainFreeScaleCrafter": {"dilate_percent": 0.0}}
 _CollectLatent, _latents = collect.collector("samples", "LATENT", take=lambda samples: samples["samples"])
 
 
@@ -105,7 +106,8 @@ def test_unknown_node_types_are_named(engine):
 
 def has_patch(path):
     return any(n["type"] in ("TrainFreePAG", "TrainFreeAPG", "TrainFreeFDG", "TrainFreeGuidanceInterval",
-                             "TrainFreeNoiseDampedCFG", "TrainFreeResidualCFG", "TrainFreeTwoModelGuidance")
+                             "TrainFreeNoiseDampedCFG", "TrainFreeResidualCFG", "TrainFreeTwoModelGuidance",
+                             "TrainFreeScaleCrafter")
                for n in json.load(open(path))["nodes"])
 
 
