@@ -103,7 +103,7 @@ def paired_ratio(times, name, baseline="cfg"):
     return statistics.median(a / b for a, b in zip(times[name], times[baseline]))
 
 
-def setup(doc, default_steps, selectable=False):
+def setup(doc, default_steps, selectable=False, extra=()):
     """The benchmarks' shared start: parse --steps / --repeats / --size / --threads, boot ComfyUI, set the thread
     count, build the SD1.5 UNet and print the header line. Returns (args, model)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
@@ -116,6 +116,8 @@ def setup(doc, default_steps, selectable=False):
     if selectable:
         parser.add_argument("--only", default="", help="comma-separated configurations to time (default: all; "
                                                         "'cfg' is always timed, as the baseline)")
+    for flag, kind, default, text in extra:
+        parser.add_argument(flag, type=kind, default=default, help=text)
     args = parser.parse_args()
     comfy_host.boot()
     if args.threads:
