@@ -36,6 +36,20 @@ def make_sd15(seed=0):
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
+SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+          "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+
+
+def make_sd_vae(seed=0):
+    """The SD1.5 VAE's architecture (KL-f8, 4 channels) with random weights, as a comfy VAE."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    params = {"ddconfig": dict(SD_VAE), "embed_dim": 4}
+    ae = AutoencoderKL(**params)
+    tiny_models.init_fan_in(ae, seed)
+    return comfy.sd.VAE(sd=ae.state_dict(), config={"params": params})
+
+
 class RowCounter:
     """APPLY_MODEL wrapper: counts the batch rows pushed through the UNet."""
 
@@ -89,7 +103,7 @@ def paired_ratio(times, name, baseline="cfg"):
     return statistics.median(a / b for a, b in zip(times[name], times[baseline]))
 
 
-def setup(doc, default_steps, selectable=False):
+def setup(doc, default_steps, selectable=False, extra=()):
     """The benchmarks' shared start: parse --steps / --repeats / --size / --threads, boot ComfyUI, set the thread
     count, build the SD1.5 UNet and print the header line. Returns (args, model)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
@@ -102,6 +116,8 @@ def setup(doc, default_steps, selectable=False):
     if selectable:
         parser.add_argument("--only", default="", help="comma-separated configurations to time (default: all; "
                                                         "'cfg' is always timed, as the baseline)")
+    for flag, kind, default, text in extra:
+        parser.add_argument(flag, type=kind, default=default, help=text)
     args = parser.parse_args()
     comfy_host.boot()
     if args.threads:

@@ -123,7 +123,7 @@ def stage_sizes(base_hw, target_hw, stages, factor=8):
                                  f"px, or give more stages")
             valid = " or ".join(f"{side * factor} px" for side in valid_targets(base, stages, target))
             raise StageError(f"a {target * factor} px {axis} cannot be reached from {base * factor} px in {stages} "
-                             f"stages of equal ratio on whole latent pixels; valid {axis}s nearby: {valid}")
+                             f"stages of equal ratio on whole latent pixels; use a valid {axis} nearby: {valid}")
         sizes.append(sides)
     return list(zip(*sizes))
 

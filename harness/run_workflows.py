@@ -27,6 +27,15 @@ LATENT_NODES = ("EmptyLatentImage", "EmptySD3LatentImage")
 SAMPLER_NODES = ("KSampler", "KSamplerAdvanced")
 SCHEDULER_NODES = ("BasicScheduler",)  # an inversion's schedule: its steps are capped like a sampler's
 EDIT_NODES = ("TrainFreeSampleFromInversion", "TrainFreePromptToPrompt", "TrainFreeFlowOpt")  # sample inversions
+CASCADE_NODES = ("TrainFreeFreCaS",)  # plan a cascade for SamplerCustomAdvanced: sizes and stage steps are capped
+SCALECRAFTER = "TrainFreeScaleCrafter"
+
+
+def generic_scalecrafter_preset(preset):
+    """ScaleCrafter's official presets are written for SD1.5 / SD2.1 (four levels) and SDXL (three) UNets; the tiny
+    and reference models have fewer or other levels, so the workflows run with the generic preset of the same
+    pixel factor (the node refuses a preset that does not fit the model)."""
+    return "generic 16x pixels" if "16x" in preset else "generic 4x pixels"
 
 
 class _TinyLoader:
@@ -128,7 +137,20 @@ def to_test_prompt(path, max_size=128, max_steps=4):
         node["inputs"]["steps"] = min(node["inputs"]["steps"], max_steps)
     for node in _each(prompt, ("TrainFreeFlowOpt",)):  # it regenerates at most the schedule's steps
         node["inputs"]["n_max"] = min(node["inputs"]["n_max"], max_steps)
+    for node in _each(prompt, CASCADE_NODES):
+        node["inputs"].update(width=max_size, height=max_size, base_width=max_size // 2, base_height=max_size // 2,
+                              stage_steps=capped_stage_steps(node["inputs"]["stage_steps"], max_steps))
+    for node in _each(prompt, (SCALECRAFTER,)):
+        node["inputs"]["preset"] = generic_scalecrafter_preset(node["inputs"]["preset"])
     return prompt
+
+
+def capped_stage_steps(text, total):
+    """A cascade's per-stage steps scaled down to about ``total`` in all, at least one per stage."""
+    steps = [int(part) for part in text.split(",")]
+    if sum(steps) > total:
+        steps = [max(1, round(n * total / sum(steps))) for n in steps]
+    return ", ".join(str(n) for n in steps)
 
 
 DIGIT_CAPTION = "a red digit seven on a dark background"
@@ -148,14 +170,19 @@ def _text_node(nodes, links, target, input_name):
 
 def reference_workflow(workflow, steps=6, batch=1, caption=DIGIT_CAPTION, seed=None):
     """A UI workflow (editor format) rewired onto the reference model of its family (``reference_family``), as a
-    user would do by hand: each loader replaced by the reference-model loader, latents made 128x128 latents of
+    user would do by hand: each loader replaced by the reference-model loader, latents made 128x128 (ScaleCrafter:
+    256 or 512 square, its preset's 4x or 16x pixels, the preset made generic) latents of
     ``batch`` images for that model, KSampler's steps set to ``steps`` (and its seed to ``seed``; a scheduler's
     steps capped at ``steps``), its positive
     prompt to ``caption`` and its negative to "". On the Flux-class model, which has no guidance embedding, the
     CFG scale is set to ``FLUX_REFERENCE_CFG``; FluxGuidance stays (the model ignores it), and so it does on SD1.5.
-    The browser tests load this; ``to_reference_prompt`` converts it."""
+    A CFGGuider's prompts are set like KSampler's; a FreCaS cascade goes from the reference size to twice its side
+    with its stage steps scaled to about ``steps``. The browser tests load this; ``to_reference_prompt`` converts it."""
     workflow = json.loads(json.dumps(workflow))
     family = reference_family(workflow)
+    # ScaleCrafter samples above the training size: 4x or 16x the reference model's pixel count
+    crafters = [n for n in workflow["nodes"] if n["type"] == SCALECRAFTER]
+    size = REFERENCE_SIZE * max([4 if "16x" in n["widgets_values"][0] else 2 for n in crafters], default=1)
     nodes = {node["id"]: node for node in workflow["nodes"]}
     links = {link[0]: link for link in workflow["links"]}
     moved = {}
@@ -171,7 +198,7 @@ def reference_workflow(workflow, steps=6, batch=1, caption=DIGIT_CAPTION, seed=N
                         widgets_values=[REFERENCE_FILES[family]])
             node.setdefault("properties", {})["Node name for S&R"] = node["type"]
         elif kind in LATENT_NODES:
-            node.update(type=REFERENCE_LATENT_NODES[family], widgets_values=[REFERENCE_SIZE, REFERENCE_SIZE, batch])
+            node.update(type=REFERENCE_LATENT_NODES[family], widgets_values=[size, size, batch])
         elif kind == "KSampler":
             values = node["widgets_values"]  # seed, its control entry, steps, cfg, ...
             values[2] = steps
@@ -180,10 +207,21 @@ def reference_workflow(workflow, steps=6, batch=1, caption=DIGIT_CAPTION, seed=N
                 values[3] = FLUX_REFERENCE_CFG
             _text_node(nodes, links, node, "positive")["widgets_values"][0] = caption
             _text_node(nodes, links, node, "negative")["widgets_values"][0] = ""
+        elif kind == "CFGGuider":  # cfg; its prompts like KSampler's
+            _text_node(nodes, links, node, "positive")["widgets_values"][0] = caption
+            _text_node(nodes, links, node, "negative")["widgets_values"][0] = ""
+        elif kind == "RandomNoise" and seed is not None:  # noise_seed, its control entry
+            node["widgets_values"][0] = seed
+        elif kind in CASCADE_NODES:  # width, height, batch, base width, base height, stage steps, ...
+            values = node["widgets_values"]
+            values[:6] = [2 * REFERENCE_SIZE, 2 * REFERENCE_SIZE, batch, REFERENCE_SIZE, REFERENCE_SIZE,
+                          capped_stage_steps(values[5], steps)]
         elif kind in SCHEDULER_NODES:
             node["widgets_values"][1] = min(node["widgets_values"][1], steps)
         elif kind == "TrainFreeFlowOpt":  # cfg, n_max, ...: it regenerates at most the schedule's steps
             node["widgets_values"][1] = min(node["widgets_values"][1], steps)
+        elif kind == SCALECRAFTER:
+            node["widgets_values"][0] = generic_scalecrafter_preset(node["widgets_values"][0])
     for link in workflow["links"]:
         if link[1] in moved:
             link[2] = moved[link[1]][link[2]]

@@ -6,6 +6,8 @@
   extra conditional pass);
 - ``attention``: perturbed self-attention on UNets and DiTs;
 - ``cross_attention``: Prompt-to-Prompt's attention control (source maps injected into a target branch);
+- ``convolution``: UNet convolutions wrapped through object patches and run re-dilated per evaluation
+  (ScaleCrafter);
 - ``building``: models built from ComfyUI's own classes (the reference models);
 - ``sampling_loop``: the pack's own sampling loops run inside ComfyUI's guider (inversion and its replay);
 - ``cascade``: sampling in stages of growing resolution (FreCaS) as a SAMPLER;
@@ -22,6 +24,7 @@ from .cascade import cascade_sampler, cascade_sigmas
 from .attention import FLUX_STATES_IMG_SLICE, HAS_ATTENTION_OVERRIDE, perturb_self_attention
 from .building import (build_diffusion_model, build_flux_text_encoder, build_kl_autoencoder, build_sd1_text_encoder,
                        flux_state_dict_for_saving, load_reference_model, unpack_weights)
+from .convolution import RedilatedConv, predict_weak_uncond, redilate_convolutions, unet_conv_sites
 from .cross_attention import (PromptToPromptController, encode_text, install_prompt_to_prompt, prompt_token_ids,
                               word_token_ids)
 from .evaluation import (add_extra_cond_pass, add_guidance_delta, add_post_cfg, add_run_conditioning, attach_model,

@@ -189,7 +189,7 @@ def test_progress_covers_every_step_and_interrupt_stops_between_stages(tiny):
 def test_bad_settings_are_refused(tiny):
     import comfy.samplers
     sd15, flux = tiny("sd15"), tiny("flux")
-    with pytest.raises(ValueError, match="valid heights nearby: 144 px or 256 px"):
+    with pytest.raises(ValueError, match="use a valid height nearby: 144 px or 256 px"):
         frecas(sd15, "sd15", steps="2, 2, 2", ends="400, 200, 0", width=200, base=64)
     with pytest.raises(ValueError, match="ca_fusion to 0"):
         frecas(flux, "flux", ca=0.6)

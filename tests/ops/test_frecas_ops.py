@@ -69,7 +69,7 @@ def test_stage_sizes_grow_geometrically():
 
 
 def test_unreachable_sizes_name_valid_ones():
-    with pytest.raises(frecas.StageError, match=r"valid heights nearby: .*512 px"):
+    with pytest.raises(frecas.StageError, match=r"use a valid height nearby: .*512 px"):
         frecas.stage_sizes((16, 16), (63, 64), 3)  # 16 -> ? -> 63 has no whole middle; 64 (middle 32) works
     with pytest.raises(frecas.StageError, match="below the base"):
         frecas.stage_sizes((64, 64), (32, 64), 2)

@@ -1,6 +1,6 @@
 """An API prompt that stacks every patch of the pack on the reference model, for the server tests; optionally
 followed by every inversion node (inversion, null-text, prompt-to-prompt, save / load, sampling, FlowOpt on the
-Flux-class model).
+Flux-class model) and a FreCaS cascade on the stacked model.
 
 The patches and their settings come from the server's /object_info (defaults), so a new MODEL -> MODEL node joins
 the stack, and the bad-input table, by itself. A second model input (guide, weak model) gets a second copy of the
@@ -8,11 +8,13 @@ reference model.
 """
 REFERENCE = {"class_type": "TrainFreeReferenceModel", "inputs": {"model_file": "trainfree_digits.safetensors"}}
 # Settings other than the defaults, where the default would leave the patch idle in a short run.
-OVERRIDES = {"TrainFreeResidualCFG": {"mode": "self-negative"}}
+OVERRIDES = {"TrainFreeResidualCFG": {"mode": "self-negative"},
+             "TrainFreeScaleCrafter": {"preset": "generic 4x pixels"}}  # the official tables fit four-level UNets
 
 
 INVERSION_NODES = ("TrainFreeInvert", "TrainFreeNullTextInversion", "TrainFreePromptToPrompt", "TrainFreeSaveInversion",
                    "TrainFreeLoadInversion", "TrainFreeSampleFromInversion", "TrainFreeFlowOpt")
+CHAIN_NODES = INVERSION_NODES + ("TrainFreeFreCaS",)  # the nodes of the chains ``inversion=True`` adds
 
 
 def patch_nodes(object_info):
@@ -57,6 +59,7 @@ def stack_prompt(object_info, patches=None, width=128, height=128, batch=1, step
     if inversion:
         prompt.update(inversion_chain(model, caption, steps))
         prompt.update(flow_chain(caption, steps))
+        prompt.update(cascade_chain(model, steps))
     return {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in prompt.items()}
 
 
@@ -94,6 +97,26 @@ def inversion_chain(model, caption, steps):
         "88": {"class_type": "VAEDecode", "inputs": {"samples": ["86", 0], "vae": ["1", 2]}},
         "89": {"class_type": "SaveImage", "inputs": {"images": ["87", 0], "filename_prefix": "trainfree_p2p"}},
         "78": {"class_type": "SaveImage", "inputs": {"images": ["88", 0], "filename_prefix": "trainfree_loaded"}},
+    }
+
+
+def cascade_chain(model, steps):
+    """FreCaS from 128 to 256 px on the stacked model (every patch acts in both stages), decoded as node "65"."""
+    return {
+        "60": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "61": {"class_type": "TrainFreeFreCaS", "inputs": {
+            "model": model, "sampler": ["60", 0], "width": 256, "height": 256, "batch_size": 1, "base_width": 128,
+            "base_height": 128, "stage_steps": f"{max(1, steps - 2)}, 2", "stage_end_timesteps": "200, 0",
+            "gamma": 1.5, "fa_cfg": True, "fa_cfg_high": 35.0, "ca_fusion": 0.6,
+            "transition": "vae (decode, upsample, encode)", "vae": ["1", 2]}},
+        "62": {"class_type": "RandomNoise", "inputs": {"noise_seed": 5}},
+        "63": {"class_type": "CFGGuider", "inputs": {"model": model, "positive": ["90", 0], "negative": ["91", 0],
+                                                     "cfg": 5.0}},
+        "64": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["62", 0], "guider": ["63", 0],
+                                                                 "sampler": ["61", 0], "sigmas": ["61", 1],
+                                                                 "latent_image": ["61", 2]}},
+        "65": {"class_type": "VAEDecode", "inputs": {"samples": ["64", 0], "vae": ["1", 2]}},
+        "66": {"class_type": "SaveImage", "inputs": {"images": ["65", 0], "filename_prefix": "trainfree_frecas"}},
     }
 
 

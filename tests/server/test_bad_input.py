@@ -8,7 +8,7 @@ import pytest
 
 from harness.server import ComfyServer, error_message
 from tests.server.conftest import SERVER_ARGS, pixels
-from tests.server.stack import INVERSION_NODES, patch_nodes, stack_prompt
+from tests.server.stack import CHAIN_NODES, patch_nodes, stack_prompt
 
 # Words with which our messages tell the user what to do.
 FIX_WORDS = ("enter", "use", "connect", "swap", "name", "write", "make", "choose", "put", "must", "reinstall")
@@ -31,7 +31,7 @@ def _number_cases(object_info, node):
 
 
 def _cases(object_info):
-    for node in patch_nodes(object_info) + list(INVERSION_NODES):
+    for node in patch_nodes(object_info) + list(CHAIN_NODES):
         for name, value, expect in _number_cases(object_info, node):
             yield f"{node}-{name}-{value}", node, {name: value}, expect, name
     layer_texts = ["middle.x", "nowhere.3", "input.99", "double.1", "middle.0.1.2", "output.5-2", ",", "'; drop"]
@@ -47,6 +47,8 @@ def _cases(object_info):
            "filename_prefix")
     yield ("p2p-word-not-in-prompt", "TrainFreePromptToPrompt", {"blend_words": "purple"}, "execution",
            "blend")
+    yield ("frecas-unreachable-size", "TrainFreeFreCaS", {"height": 208, "width": 208, "stage_steps": "1, 1, 1",
+                                                          "stage_end_timesteps": "400, 200, 0"}, "execution", "height")
     yield ("p2p-source-text-differs", "TrainFreePromptToPrompt", {"source_text": "a digit"}, "execution",
            "source_text")
 
@@ -80,7 +82,7 @@ def _check_refusal(server, prompt, node_id, expect, input_name):
 
 
 def _broken_prompt(object_info, node, inputs):
-    prompt = stack_prompt(object_info, steps=3, inversion=node in INVERSION_NODES)
+    prompt = stack_prompt(object_info, steps=3, inversion=node in CHAIN_NODES)
     node_id = next(k for k, n in prompt.items() if n["class_type"] == node)
     prompt[node_id]["inputs"].update(inputs)
     return _only_through(prompt, node_id), node_id
@@ -107,7 +109,7 @@ def _only_through(prompt, node_id):
 
 def test_broken_inputs_of_every_node_are_refused_by_name(server, object_info, pack_nodes):
     """The cases come from the node definitions the server reports, so a new input or node is covered by itself."""
-    uncovered = set(pack_nodes) - set(patch_nodes(object_info)) - set(INVERSION_NODES) - {"TrainFreeReferenceModel"}
+    uncovered = set(pack_nodes) - set(patch_nodes(object_info)) - set(CHAIN_NODES) - {"TrainFreeReferenceModel"}
     assert not uncovered, f"nodes that are not MODEL -> MODEL patches need bad-input cases of their own: {uncovered}"
     failures = []
     cases = list(_cases(object_info))

@@ -14,7 +14,7 @@ WORKFLOWS = run_workflows.workflow_paths()
 
 def test_object_info_lists_every_pack_node_with_display_name_category_and_tooltips(object_info, pack_nodes):
     expected = {"TrainFreeReferenceModel", "TrainFreePAG", "TrainFreeAPG", "TrainFreeFDG", "TrainFreeGuidanceInterval",
-                "TrainFreeNoiseDampedCFG", "TrainFreeResidualCFG", "TrainFreeTwoModelGuidance"}
+                "TrainFreeNoiseDampedCFG", "TrainFreeResidualCFG", "TrainFreeTwoModelGuidance", "TrainFreeScaleCrafter"}
     assert expected <= set(pack_nodes)
     for name in pack_nodes:
         info = object_info[name]
@@ -51,13 +51,17 @@ def test_start_up_log_has_nothing_from_the_pack_but_its_import_line(server):
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
 def test_workflow_queued_through_the_api_completes_with_images(server, definitions, artifacts, path):
-    entry = server.run(reference_prompt(path, definitions))
+    prompt = reference_prompt(path, definitions)
+    entry = server.run(prompt)
     assert entry["status"]["status_str"] == "success", error_message(entry)
+    (size,) = ({n["inputs"]["width"] for n in prompt.values()
+                if n["class_type"] in run_workflows.LATENT_NODES + run_workflows.CASCADE_NODES}
+               or {run_workflows.REFERENCE_SIZE})  # inversion workflows encode a 128 px image
     images = server.images(entry)
     assert images, f"{os.path.basename(path)} saved no image"
     for i, png in enumerate(images):
         picture = pixels(png)
-        assert picture.shape == (128, 128, 3)
+        assert picture.shape == (size, size, 3)  # 128; ScaleCrafter's and FreCaS's workflows: above it
         assert picture.std() > 5, "a flat image: the model produced nothing"
         name = f"api_{os.path.splitext(os.path.basename(path))[0]}_{i}.png"
         with open(os.path.join(artifacts, name), "wb") as f:

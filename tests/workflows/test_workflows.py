@@ -17,7 +17,8 @@ PATHS = run_workflows.workflow_paths()
 NEUTRAL = {"TrainFreePAG": {"scale": 0.0},
            "TrainFreeAPG": {"eta": 1.0, "norm_threshold": 0.0, "momentum": 0.0},
            "TrainFreeGuidanceInterval": {"sigma_low": 0.0, "sigma_high": 1000.0},
-           "TrainFreeNoiseDampedCFG": {"damped_percent": 0.0}}
+           "TrainFreeNoiseDampedCFG": {"damped_percent": 0.0},
+           "TrainFreeScaleCrafter": {"dilate_percent": 0.0}}
 _CollectLatent, _latents = collect.collector("samples", "LATENT", take=lambda samples: samples["samples"])
 
 
@@ -105,11 +106,55 @@ def test_unknown_node_types_are_named(engine):
 
 def has_patch(path):
     return any(n["type"] in ("TrainFreePAG", "TrainFreeAPG", "TrainFreeFDG", "TrainFreeGuidanceInterval",
-                             "TrainFreeNoiseDampedCFG", "TrainFreeResidualCFG", "TrainFreeTwoModelGuidance")
+                             "TrainFreeNoiseDampedCFG", "TrainFreeResidualCFG", "TrainFreeTwoModelGuidance",
+                             "TrainFreeScaleCrafter")
                for n in json.load(open(path))["nodes"])
 
 
-@pytest.mark.parametrize("path", [p for p in PATHS if not has_patch(p)], ids=os.path.basename)
+def has_cascade(path):
+    return any(n["type"] in run_workflows.CASCADE_NODES for n in json.load(open(path))["nodes"])
+
+
+def cascade_output(prompt, tmp_path=None):
+    """Run a SamplerCustomAdvanced prompt; its output latent."""
+    prompt = json.loads(json.dumps(prompt))
+    if tmp_path is None:
+        prompt = {k: v for k, v in prompt.items() if v["class_type"] not in ("SaveImage", "PreviewImage")}
+    else:
+        import folder_paths
+        folder_paths.set_output_directory(str(tmp_path))
+    key = next(k for k, v in prompt.items() if v["class_type"] == "SamplerCustomAdvanced")
+    prompt["collect"] = {"class_type": "HarnessCollectLatent", "inputs": {"samples": [key, 0], "key": key}}
+    _latents.clear()
+    outputs = comfy_host.execute_prompt(prompt)
+    return _latents[key], outputs
+
+
+@pytest.mark.parametrize("path", [p for p in PATHS if has_cascade(p)], ids=os.path.basename)
+def test_cascade_workflow_runs_and_its_stages_act(engine, path, tmp_path):
+    """The cascade writes its image at the final size; made a single stage at that size it equals the sampler it
+    wraps bit for bit, and the real cascade differs from that."""
+    prompt = run_workflows.to_test_prompt(path)
+    latent, outputs = cascade_output(prompt, tmp_path)
+    images = [image["filename"] for ui in outputs.values() for image in ui.get("images", [])]
+    assert images and all(os.path.getsize(tmp_path / name) > 0 for name in images)
+    assert latent.shape[-1] == 128 // 8 and torch.isfinite(latent).all()
+    key, node = next((k, v) for k, v in prompt.items() if v["class_type"] in run_workflows.CASCADE_NODES)
+    steps = sum(int(n) for n in node["inputs"]["stage_steps"].split(","))
+    node["inputs"].update(stage_steps=str(steps), stage_end_timesteps="0", base_width=node["inputs"]["width"],
+                          base_height=node["inputs"]["height"])
+    single, _ = cascade_output(prompt)
+    plain = json.loads(json.dumps(prompt))
+    for other in plain.values():
+        if other["class_type"] == "SamplerCustomAdvanced":
+            other["inputs"]["sampler"] = node["inputs"]["sampler"]
+    direct, _ = cascade_output(plain)
+    assert torch.equal(single, direct)
+    assert (latent - direct).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("path", [p for p in PATHS if not has_patch(p) and not has_cascade(p)],
+                         ids=os.path.basename)
 def test_inversion_workflow_runs_and_edits_the_image(engine, path, tmp_path):
     """Workflows without a MODEL patch invert a loaded image and edit it: every edit differs from the encoded
     image, and the images are written."""

@@ -1,0 +1,126 @@
+"""Seconds per image of high-resolution sampling on the full-size SD1.5 UNet and VAE (random weights, CPU,
+float32): FreCaS and ScaleCrafter against direct sampling at the target size with the same step count, at 2x and
+4x the base pixel count.
+
+Configurations, per scale, timed round-robin in one process (after one warm-up run each):
+  direct         --steps Euler steps at the target size, "normal" schedule, CFG 5
+  scalecrafter   the same with TrainFreeScaleCrafter re-dilation (its SD1.5 4x-pixel preset; the paper has no 2x
+                 setting, so the same table is timed there) and no noise-damped pass (the paper uses it at 16x)
+  frecas         TrainFreeFreCaS, two stages (base, target), the paper's 4:1 split of the steps (40 / 10), stage end
+                 200, gamma 1.5, FA-CFG and attention fusion on, the paper's VAE transition (decode, upsample, encode)
+  frecas-latent  the same with the latent transition
+  base           direct sampling at the base size (for the per-step costs below)
+Also timed once per scale: the VAE transition alone (decode at the base size, upsample, encode at the target).
+From these per-step costs the script also prints the speed-up the paper's 50-step plan (40 + 10) would have on
+this machine: 50 t_direct / (40 t_base + 10 t_direct + t_vae), labelled as derived, not measured.
+"x direct" is the median over --repeats of the ratio to direct's time in the same repeat.
+
+Run from the pack root:  python -m bench.highres_speed [--steps 10] [--repeats 1] [--size 256] [--warmup 1] [--threads N]
+The raw result goes to --json (default bench/output/highres_speed.json); docs/bench/ keeps the committed one.
+"""
+import statistics
+import time
+
+import torch
+
+from bench.timing import make_sd_vae, paired_ratio, save, setup
+
+TARGET = {"4x": 2.0, "2x": 2 ** 0.5}  # side ratio for 4x / 2x the pixels (4x first: the issue's target)
+
+
+def target_side(base, scale):
+    return int(round(base * TARGET[scale] / 8)) * 8
+
+
+def configurations(model, vae, base, side, steps):
+    import comfy.samplers
+    import nodes
+    euler = comfy.samplers.sampler_object("euler")
+    plan = {"model": model, "sampler": euler, "width": side, "height": side, "batch_size": 1, "base_width": base,
+            "base_height": base, "stage_steps": f"{steps - steps // 5}, {steps // 5}",
+            "stage_end_timesteps": "200, 0", "gamma": 1.5, "fa_cfg": True, "fa_cfg_high": 35.0, "ca_fusion": 0.6,
+            "vae": vae}
+    frecas = nodes.NODE_CLASS_MAPPINGS["TrainFreeFreCaS"]()
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps).float()
+    found = {"direct": (model, euler, sigmas, side), "base": (model, euler, sigmas, base),
+             "frecas": (model, *frecas.build(**plan, transition="vae (decode, upsample, encode)")[:2], side),
+             "frecas-latent": (model, *frecas.build(**plan, transition="latent (bilinear)")[:2], side)}
+    crafter = nodes.NODE_CLASS_MAPPINGS.get("TrainFreeScaleCrafter")
+    if crafter is not None:
+        found["scalecrafter"] = (scalecrafter(crafter, model), euler, sigmas, side)
+    return found
+
+
+def scalecrafter(crafter, model):
+    return crafter().apply(model=model, preset="SD1.5 1024x1024 (4x pixels)", dilate_percent=-1.0,
+                           progressive="preset default", noise_damped="off", disperse_percent=0.0)[0]
+
+
+def sample(model, sampler, sigmas, side, cfg=5.0):
+    import comfy.samplers
+    g = torch.Generator().manual_seed(0)
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds([[torch.randn(1, 77, 768, generator=g), {}]], [[torch.randn(1, 77, 768, generator=g), {}]])
+    guider.set_cfg(cfg)
+    latent = torch.zeros(1, 4, side // 8, side // 8)
+    noise = torch.randn(latent.shape, generator=g)
+    return guider.sample(noise, latent, sampler, sigmas, seed=0, disable_pbar=True)
+
+
+def main():
+    args, model = setup(__doc__, default_steps=10, extra=[("--warmup", int, 1, "1: one untimed round first")])
+    vae = make_sd_vae()
+    times, cpu_times, ratios, vae_seconds, derived = {}, {}, {}, {}, {}
+    with torch.inference_mode():
+        for scale in TARGET:
+            side = target_side(args.size, scale)
+            configs = configurations(model, vae, args.size, side, args.steps)
+            names = list(configs)
+            wall = {name: [] for name in names}
+            cpu = {name: [] for name in names}
+            print(f"\n{scale} pixels: {args.size} -> {side} px", flush=True)
+            for r in range(0 if args.warmup else 1, args.repeats + 1):  # round 0 warms up
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    start, start_cpu = time.perf_counter(), time.process_time()
+                    sample(*configs[name])
+                    if r:
+                        wall[name].append(time.perf_counter() - start)
+                        cpu[name].append(time.process_time() - start_cpu)
+                    print(f"  {'warm-up' if not r else f'repeat {r}'}: {name} "
+                          f"{time.perf_counter() - start:.1f} s", flush=True)
+            start = time.perf_counter()
+            transition(vae, args.size, side)
+            vae_seconds[scale] = time.perf_counter() - start
+            print(f"  VAE transition {vae_seconds[scale]:.1f} s", flush=True)
+            times[scale], cpu_times[scale] = wall, cpu
+            ratios[scale] = {name: 1 / paired_ratio(wall, name, baseline="direct") for name in names}
+            save("highres_speed", args, seconds=times, cpu_seconds=cpu_times, speedup_over_direct=ratios,
+                 vae_transition_seconds=vae_seconds, partial=True)  # a long run keeps what it has
+    print(f"\n{'scale':<7}{'configuration':<15}{'s/image':>9}{'x faster than direct':>22}")
+    for scale, wall in times.items():
+        for name, values in wall.items():
+            print(f"{scale:<7}{name:<15}{sorted(values)[len(values) // 2]:>9.1f}{ratios[scale][name]:>22.2f}")
+    for scale, wall in times.items():
+        step = {name: statistics.median(wall[name]) / args.steps for name in ("direct", "base")}
+        derived[scale] = 50 * step["direct"] / (40 * step["base"] + 10 * step["direct"] + vae_seconds[scale])
+        print(f"{scale}: VAE transition {vae_seconds[scale]:.1f} s; derived for the paper's 40 + 10 steps: "
+              f"{derived[scale]:.2f}x faster than 50 direct steps")
+    four = ratios["4x"]
+    print(f"\ntarget: FreCaS >= 2.5x faster than direct at 4x pixels (measured: {four['frecas']:.2f}x with the VAE "
+          f"transition, {four['frecas-latent']:.2f}x with the latent one)")
+    if "scalecrafter" in four:
+        print(f"FreCaS against ScaleCrafter at 4x: {four['frecas'] / four['scalecrafter']:.2f}x")
+    save("highres_speed", args, seconds=times, cpu_seconds=cpu_times, speedup_over_direct=ratios,
+         vae_transition_seconds=vae_seconds, derived_50_step_speedup=derived)
+
+
+def transition(vae, base, side):
+    """FreCaS's pixel-space transition on its own: decode at the base size, nearest upsample, encode."""
+    import torch.nn.functional as F
+    pixels = vae.decode(torch.randn(1, 4, base // 8, base // 8))
+    up = F.interpolate(pixels.movedim(-1, 1), size=(side, side), mode="nearest").movedim(1, -1)
+    return vae.encode(up)
+
+
+if __name__ == "__main__":
+    main()
