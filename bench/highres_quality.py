@@ -45,11 +45,11 @@ METHODS = ("direct", "scalecrafter", "frecas", "frecas_no_fa_cfg")
 INK_THRESHOLD = 0.4
 MIN_COMPONENT = 64
 
-# FreCaS: the paper's SDXL patterns scaled to 20 steps (2x: 1024 -> 2048, "40, 10" / "200, 0", gamma 1.5; 4x: 1024 ->
-# 2048 -> 4096, "30, 5, 15" / "400, 200, 0", gamma 2.0, here with the brief's 12 / 4 / 4 split), FA-CFG high-band
-# weight 35 (its low band keeps the guider's cfg), cross-attention fusion 0.6 on the UNet (joint attention on the
-# DiT: off, as the node requires), the VAE transition. Flux-class: gamma is not used (flow models take the SD3
-# resolution shift), the node keeps it at its default.
+# FreCaS: the paper's SDXL patterns scaled to 20 steps (2x: 1024 -> 2048, "40, 10" / "200, 0", gamma 1.5; 4x:
+# 1024 -> 2048 -> 4096, "30, 5, 15" / "400, 200, 0", gamma 2.0, here split 12 / 4 / 4, as 30 : 5 : 15 of 20 would
+# leave the middle stage 2 steps), FA-CFG high-band weight 35 (its low band keeps the guider's cfg), cross-attention
+# fusion 0.6 on the UNet (joint attention on the DiT: off, as the node requires), the VAE transition. Flux-class:
+# gamma is not used (flow models take the SD3 resolution shift), the node keeps it at its default.
 FRECAS = {2: {"stage_steps": "16, 4", "stage_end_timesteps": "200, 0", "gamma": 1.5},
           4: {"stage_steps": "12, 4, 4", "stage_end_timesteps": "400, 200, 0", "gamma": 2.0}}
 FA_CFG_HIGH = 35.0
@@ -246,7 +246,8 @@ def run(models=tuple(MODELS), factors=SIDE_FACTORS, methods=METHODS, prompts=10,
             "ink_threshold": INK_THRESHOLD, "min_component_px": MIN_COMPONENT,
             "real_digit_ceiling": real_ceiling(), "captions": [digits.caption(*c) for c in captions],
             "sampling_seconds": sum(r["seconds_per_image"] * prompts * per_prompt for r in rows if "skipped" not in r),
-            "grid_rows": f"per method (in the order {list(methods)}), its first {grid_seeds} seeds",
+            "grid_rows": f"a row per method that ran, in the order {list(methods)}: the first {grid_seeds} seed(s) "
+                         f"of each prompt",
             "rows": rows}
 
 
