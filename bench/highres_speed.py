@@ -15,7 +15,8 @@ From these per-step costs the script also prints the speed-up the paper's 50-ste
 this machine: 50 t_direct / (40 t_base + 10 t_direct + t_vae), labelled as derived, not measured.
 "x direct" is the median over --repeats of the ratio to direct's time in the same repeat.
 
-Run from the pack root:  python -m bench.highres_speed [--steps 10] [--repeats 1] [--size 256] [--warmup 1] [--threads N]
+Run from the pack root:  python -m bench.highres_speed [--steps 10] [--repeats 1] [--size 256] [--warmup 1] [--scales 4x,2x] [--threads N]
+Print a saved raw result again:  python -m bench.highres_speed --from-json docs/bench/highres_speed.json
 The raw result goes to --json (default bench/output/highres_speed.json); docs/bench/ keeps the committed one.
 """
 import statistics
@@ -68,11 +69,12 @@ def sample(model, sampler, sigmas, side, cfg=5.0):
 
 
 def main():
-    args, model = setup(__doc__, default_steps=10, extra=[("--warmup", int, 1, "1: one untimed round first")])
+    args, model = setup(__doc__, default_steps=10, extra=[("--warmup", int, 1, "1: one untimed round first"),
+                                                         ("--scales", str, "4x,2x", "which pixel ratios to time")])
     vae = make_sd_vae()
     times, cpu_times, ratios, vae_seconds, derived = {}, {}, {}, {}, {}
     with torch.inference_mode():
-        for scale in TARGET:
+        for scale in [s.strip() for s in args.scales.split(",")]:
             side = target_side(args.size, scale)
             configs = configurations(model, vae, args.size, side, args.steps)
             names = list(configs)
@@ -96,22 +98,47 @@ def main():
             ratios[scale] = {name: 1 / paired_ratio(wall, name, baseline="direct") for name in names}
             save("highres_speed", args, seconds=times, cpu_seconds=cpu_times, speedup_over_direct=ratios,
                  vae_transition_seconds=vae_seconds, partial=True)  # a long run keeps what it has
-    print(f"\n{'scale':<7}{'configuration':<15}{'s/image':>9}{'x faster than direct':>22}")
-    for scale, wall in times.items():
-        for name, values in wall.items():
-            print(f"{scale:<7}{name:<15}{sorted(values)[len(values) // 2]:>9.1f}{ratios[scale][name]:>22.2f}")
     for scale, wall in times.items():
         step = {name: statistics.median(wall[name]) / args.steps for name in ("direct", "base")}
         derived[scale] = 50 * step["direct"] / (40 * step["base"] + 10 * step["direct"] + vae_seconds[scale])
-        print(f"{scale}: VAE transition {vae_seconds[scale]:.1f} s; derived for the paper's 40 + 10 steps: "
-              f"{derived[scale]:.2f}x faster than 50 direct steps")
-    four = ratios["4x"]
-    print(f"\ntarget: FreCaS >= 2.5x faster than direct at 4x pixels (measured: {four['frecas']:.2f}x with the VAE "
-          f"transition, {four['frecas-latent']:.2f}x with the latent one)")
-    if "scalecrafter" in four:
-        print(f"FreCaS against ScaleCrafter at 4x: {four['frecas'] / four['scalecrafter']:.2f}x")
     save("highres_speed", args, seconds=times, cpu_seconds=cpu_times, speedup_over_direct=ratios,
          vae_transition_seconds=vae_seconds, derived_50_step_speedup=derived)
+    report({"seconds": times, "cpu_seconds": cpu_times, "vae_transition_seconds": vae_seconds,
+            "derived_50_step_speedup": derived})
+
+
+def report(result):
+    """The table of a run (or of a saved raw result): speed-ups over direct sampling in wall-clock and CPU time.
+    CPU time leaves out what other jobs on a shared machine take from the process."""
+    print(f"\n{'scale':<7}{'configuration':<15}{'s/image':>9}{'CPU s':>8}{'x direct (wall)':>17}{'x direct (CPU)':>16}")
+    speedups = {}
+    for scale, wall in result["seconds"].items():
+        cpu = result["cpu_seconds"][scale]
+        speedups[scale] = {kind: {name: 1 / paired_ratio(times, name, baseline="direct") for name in times}
+                           for kind, times in (("wall", wall), ("cpu", cpu))}
+        for name in wall:
+            print(f"{scale:<7}{name:<15}{statistics.median(wall[name]):>9.1f}{statistics.median(cpu[name]):>8.1f}"
+                  f"{speedups[scale]['wall'][name]:>17.2f}{speedups[scale]['cpu'][name]:>16.2f}")
+    for scale, value in result.get("derived_50_step_speedup", {}).items():
+        print(f"{scale}: VAE transition {result['vae_transition_seconds'][scale]:.1f} s; derived, not measured: the "
+              f"paper's 40 + 10 steps would be {value:.2f}x faster than 50 direct steps")
+    four = speedups.get("4x")
+    if four:
+        for kind in ("wall", "cpu"):
+            f = four[kind]
+            line = (f"{kind}: FreCaS {f['frecas']:.2f}x faster than direct at 4x pixels (latent transition "
+                    f"{f['frecas-latent']:.2f}x; target 2.5x)")
+            if "scalecrafter" in f:
+                line += f", {f['frecas'] / f['scalecrafter']:.2f}x faster than ScaleCrafter"
+            print(line)
+
+
+def reprint(path):
+    import json
+    with open(path) as f:
+        result = json.load(f)
+    print(f"raw result {path}: {result['command']}")
+    report(result)
 
 
 def transition(vae, base, side):
@@ -123,4 +150,8 @@ def transition(vae, base, side):
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+    if len(sys.argv) == 3 and sys.argv[1] == "--from-json":
+        reprint(sys.argv[2])
+    else:
+        main()
