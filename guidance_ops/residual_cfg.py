@@ -82,6 +82,13 @@ class ResidualCFGState:
         self.anchor = None
 
 
+def resized(latent, size):
+    """``latent`` at spatial ``size`` (bilinear; itself when it has that size already)."""
+    if tuple(latent.shape[2:]) == tuple(size):
+        return latent
+    return torch.nn.functional.interpolate(latent, size=tuple(size), mode="bilinear")
+
+
 def virtual_uncond(x, sigma, anchor, delta=DELTA, flow=False):
     """D_bar, the denoised prediction the virtual residual noise delta * eps_bar stands for."""
     if delta == 1.0:

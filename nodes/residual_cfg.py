@@ -36,14 +36,23 @@ class TrainFreeResidualCFG(ModelPatchNode):
         one_time = mode == MODES[0]
 
         def start(guider, noise, latent_image, *_):
-            state = SimpleNamespace(anchor=residual_cfg.ResidualCFGState(), evaluations=0, saved=0, virtual=False)
-            if not one_time:
-                state.anchor.keep_source(host.process_latent_in(guider.model_patcher, latent_image))
-            return state
+            source = None if one_time else host.process_latent_in(guider.model_patcher, latent_image)
+            return SimpleNamespace(anchors={}, source=source, current=None, evaluations=0, saved=0, virtual=False)
+
+        def anchor_at(run, x):
+            """The anchor of this latent size: a cascade (FreCaS) samples one run at several sizes, and each size
+            gets its own one-time negative, or the source latent resized to it."""
+            size = tuple(x.shape[2:])
+            if size not in run.anchors:
+                run.anchors[size] = residual_cfg.ResidualCFGState()
+                if run.source is not None:
+                    run.anchors[size].keep_source(residual_cfg.resized(run.source, size))
+            return run.anchors[size]
 
         def choose(run, sigma, x, model_options, sampler_cfg):
             run.evaluations += 1
-            run.virtual = run.anchor.ready and sampler_cfg != 1.0
+            run.current = anchor_at(run, x)
+            run.virtual = run.current.ready and sampler_cfg != 1.0
             if not run.virtual:
                 return None
             run.saved += not host.uncond_pass_runs(model_options)
@@ -51,14 +60,17 @@ class TrainFreeResidualCFG(ModelPatchNode):
 
         def capture_uncond(args):
             run = scope.state
-            if run is not None and one_time and not run.anchor.ready and args["uncond"] is not None:
-                run.anchor.keep_uncond(args["uncond_denoised"])
+            if run is None or not one_time or args["uncond"] is None:
+                return args["denoised"]
+            anchor = anchor_at(run, args["input"])
+            if not anchor.ready:
+                anchor.keep_uncond(args["uncond_denoised"])
             return args["denoised"]
 
         def after(run, denoised, sigma, x, sampler_cfg):
             if not run.virtual:
                 return denoised
-            anchor = run.anchor.anchor.to(denoised.device)
+            anchor = run.current.anchor.to(denoised.device)
             return residual_cfg.residual_cfg(denoised, x, sigma, sampler_cfg, anchor, delta, flow)
 
         def finish(run):

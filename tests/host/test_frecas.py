@@ -154,7 +154,12 @@ def test_patches_act_inside_the_cascade(tiny):
     patched = {
         "pag": run_node("TrainFreePAG", model=model, scale=3.0, layers="auto", start_percent=0.0, end_percent=1.0)[0],
         "apg": run_node("TrainFreeAPG", model=model, eta=0.0, norm_threshold=15.0, momentum=-0.5)[0],
-        "interval": run_node("TrainFreeGuidanceInterval", model=model, sigma_low=0.5, sigma_high=5.0)[0]}
+        "interval": run_node("TrainFreeGuidanceInterval", model=model, sigma_low=0.5, sigma_high=5.0)[0],
+        # one-time negative: an anchor per stage size; self-negative: the source latent resized to each stage
+        "residual one-time": run_node("TrainFreeResidualCFG", model=model, mode="one-time negative", delta=1.0)[0],
+        "residual self": run_node("TrainFreeResidualCFG", model=model, mode="self-negative", delta=1.0)[0],
+        "two-model": run_node("TrainFreeTwoModelGuidance", model=model,
+                              guide_model=tiny_models.make_model("sd15", seed=1), mode="autoguidance")[0]}
     for name, m in patched.items():
         out = guided(m, "sd15", sampler, sigmas, latent["samples"])
         assert torch.isfinite(out).all() and not torch.allclose(out, plain), name
