@@ -15,7 +15,7 @@ From these per-step costs the script also prints the speed-up the paper's 50-ste
 this machine: 50 t_direct / (40 t_base + 10 t_direct + t_vae), labelled as derived, not measured.
 "x direct" is the median over --repeats of the ratio to direct's time in the same repeat.
 
-Run from the pack root:  python -m bench.highres_speed [--steps 10] [--repeats 1] [--size 256] [--warmup 1] [--scales 4x,2x] [--threads N]
+Run from the pack root:  python -m bench.highres_speed [--steps 10] [--repeats 1] [--size 256] [--warmup 1] [--scales 4x,2x] [--configs NAMES] [--threads N]
 Print a saved raw result again:  python -m bench.highres_speed --from-json docs/bench/highres_speed.json
 The raw result goes to --json (default bench/output/highres_speed.json); docs/bench/ keeps the committed one.
 """
@@ -70,13 +70,18 @@ def sample(model, sampler, sigmas, side, cfg=5.0):
 
 def main():
     args, model = setup(__doc__, default_steps=10, extra=[("--warmup", int, 1, "1: one untimed round first"),
-                                                         ("--scales", str, "4x,2x", "which pixel ratios to time")])
+                                                         ("--scales", str, "4x,2x", "which pixel ratios to time"),
+                                                         ("--configs", str, "", "comma-separated configurations "
+                                                          "to time (default all; direct always)")])
     vae = make_sd_vae()
     times, cpu_times, ratios, vae_seconds, derived = {}, {}, {}, {}, {}
     with torch.inference_mode():
         for scale in [s.strip() for s in args.scales.split(",")]:
             side = target_side(args.size, scale)
             configs = configurations(model, vae, args.size, side, args.steps)
+            if args.configs:
+                wanted = {"direct"} | {c.strip() for c in args.configs.split(",")}
+                configs = {name: value for name, value in configs.items() if name in wanted}
             names = list(configs)
             wall = {name: [] for name in names}
             cpu = {name: [] for name in names}
@@ -99,8 +104,9 @@ def main():
             save("highres_speed", args, seconds=times, cpu_seconds=cpu_times, speedup_over_direct=ratios,
                  vae_transition_seconds=vae_seconds, partial=True)  # a long run keeps what it has
     for scale, wall in times.items():
-        step = {name: statistics.median(wall[name]) / args.steps for name in ("direct", "base")}
-        derived[scale] = 50 * step["direct"] / (40 * step["base"] + 10 * step["direct"] + vae_seconds[scale])
+        if "base" in wall:
+            step = {name: statistics.median(wall[name]) / args.steps for name in ("direct", "base")}
+            derived[scale] = 50 * step["direct"] / (40 * step["base"] + 10 * step["direct"] + vae_seconds[scale])
     save("highres_speed", args, seconds=times, cpu_seconds=cpu_times, speedup_over_direct=ratios,
          vae_transition_seconds=vae_seconds, derived_50_step_speedup=derived)
     report({"seconds": times, "cpu_seconds": cpu_times, "vae_transition_seconds": vae_seconds,
