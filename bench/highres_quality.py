@@ -16,7 +16,6 @@ docs/quality.md's "High resolution (issue 12)" section.
 import argparse
 import json
 import os
-import re
 import sys
 import time
 
@@ -139,14 +138,7 @@ def refusal(prompt, only):
     """Run the ``only`` node of ``prompt`` alone; the engine's error message if it refuses, else None."""
     keep = {"model": prompt["model"], only: prompt[only],
             "out": {"class_type": "HarnessCollectModel", "inputs": {"model": [only, 0], "key": "refusal"}}}
-    try:
-        comfy_host.execute_prompt(keep)
-    except comfy_host.PromptError as error:
-        found = re.search(r"'exception_message': (['\"])(.*?)\\n\1", str(error))
-        if found is None:
-            raise
-        return found.group(2)
-    return None
+    return comfy_host.refusal(keep)
 
 
 

@@ -13,7 +13,6 @@ prints the tables as markdown.
 import argparse
 import json
 import os
-import re
 import time
 
 import torch
@@ -187,14 +186,7 @@ def null_text_refusal(model):
     p, links = base_prompt(model, "refusal", captions[0], 2, s["scheduler"])
     p.collect(sample(p, links, null_text(p, links, invert(p, links), s["cfg"], inner_steps=1), links["source"],
                      s["cfg"], "nti"), "refusal")
-    try:
-        comfy_host.execute_prompt(p.nodes)
-    except comfy_host.PromptError as error:
-        found = re.search(r"'exception_message': (['\"])(.*?)\\n\1", str(error))
-        if found is None:
-            raise
-        return found.group(2)
-    return None
+    return comfy_host.refusal(p.nodes)
 
 
 def masked_psnr(a, b, mask):

@@ -121,3 +121,15 @@ def execute_prompt(prompt, prompt_id="trainfree"):
 
 class PromptError(RuntimeError):
     pass
+
+
+def refusal(prompt):
+    """Execute ``prompt``: the exception message of the node that refused it, or None when it ran."""
+    try:
+        execute_prompt(prompt)
+    except PromptError as error:
+        found = re.search(r"'exception_message': (['\"])(.*?)\\n\1", str(error))
+        if found is None:
+            raise
+        return found.group(2)
+    return None
