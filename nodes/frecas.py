@@ -8,6 +8,7 @@ from .base import check_numbers, model_input
 CATEGORY = "trainfree/high_resolution"
 TRANSITIONS = {"vae (decode, upsample, encode)": "vae", "latent (bilinear)": "latent"}
 LATENT_FACTOR = 8  # pixels per latent pixel in SD1.5, SDXL, SD3 and Flux
+GAMMA = 1.5  # the paper's SDXL 2048 value; flow models take the SD3 shift and must keep it
 
 
 def _int(default, low, high, step, tooltip):
@@ -48,7 +49,7 @@ class TrainFreeFreCaS:
             "stage_end_timesteps": ("STRING", {"default": "200, 0", "tooltip": "Timestep (0-999) at which each stage "
                                                "ends; the last is 0. Paper: SDXL 2048 '200, 0'; SDXL 4096 '400, 200, "
                                                "0'; SD2.1 1024 '100, 0'; SD2.1 2048 '200, 200, 0'; SD3 '50, 0'."}),
-            "gamma": ("FLOAT", {"default": 1.5, "min": 0.0, "max": 10.0, "step": 0.1,
+            "gamma": ("FLOAT", {"default": GAMMA, "min": 0.0, "max": 10.0, "step": 0.1,
                                 "tooltip": "How far each next stage's start shifts to more noise: SNR times "
                                            "(side ratio)^-gamma. Paper: SDXL 2048 1.5, SDXL 4096 2.0, SD2.1 3.0. "
                                            "Flow models (SD3, Flux) follow the official SD3 resolution shift; "
@@ -90,7 +91,7 @@ class TrainFreeFreCaS:
                 f"{title}: cross-attention map fusion is defined for UNets' cross-attention layers; {family} has "
                 f"joint attention, where the official code's SD3 branch does not run. Set ca_fusion to 0 (the "
                 f"cascade and FA-CFG serve this model).")
-        if host.is_flow_model(model) and gamma != self.INPUT_TYPES()["required"]["gamma"][1]["default"]:
+        if host.is_flow_model(model) and gamma != GAMMA:
             raise frecas.StageError(f"{title}: gamma shifts the SD models' discrete schedule; flow models (SD3, "
                                     f"Flux) take the resolution shift of the official SD3 code. Reset gamma to 1.5.")
         mode = TRANSITIONS[transition]
@@ -99,7 +100,7 @@ class TrainFreeFreCaS:
                                     f"the latent transition")
         sizes = frecas.stage_sizes((base_height // LATENT_FACTOR, base_width // LATENT_FACTOR),
                                    (height // LATENT_FACTOR, width // LATENT_FACTOR), len(steps), LATENT_FACTOR)
-        sigmas, _ = host.cascade_sigmas(model, sizes, steps, ends, gamma)
+        sigmas = host.cascade_sigmas(model, sizes, steps, ends, gamma)
         plan = host.CascadePlan(sizes, steps, fa_cfg_high if fa_cfg else None, ca_fusion, mode, vae)
         channels = host.latent_channels(model)
         latent = torch.zeros(batch_size, channels, height // LATENT_FACTOR, width // LATENT_FACTOR)

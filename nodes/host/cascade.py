@@ -32,7 +32,7 @@ def timestep_sigma(sampling, timestep, flow):
 def cascade_sigmas(model, sizes, steps, ends, gamma):
     """The whole cascade's schedule: every stage's sigmas ending at 0, concatenated."""
     sampling, flow = model_sampling(model), is_flow_model(model)
-    sigmas, start, starts = [], frecas.GRID - 1, []
+    sigmas, start = [], frecas.GRID - 1
     for s, (n, end) in enumerate(zip(steps, ends)):
         if s > 0:
             ratio = frecas.side_ratio(sizes[s - 1], sizes[s])
@@ -41,9 +41,8 @@ def cascade_sigmas(model, sizes, steps, ends, gamma):
         if start <= end:
             raise frecas.StageError(f"stage {s + 1} would start at timestep {start}, not above its end {end}: lower "
                                     f"its end timestep (stage_end_timesteps)")
-        starts.append(start)
         sigmas += [timestep_sigma(sampling, t, flow) for t in frecas.stage_timesteps(start, end, n)] + [0.0]
-    return torch.tensor(sigmas, dtype=torch.float32), starts
+    return torch.tensor(sigmas, dtype=torch.float32)
 
 
 class Plan:
@@ -198,6 +197,7 @@ class _AttentionMaps:
         self.record_sigmas = [stage[-2] for stage in stages[:-1]]  # each non-final stage's last model step
         self.stage = 0
         self.recording, self.merged, self.fused = {}, {}, 0
+        self._rows = {}  # the merged maps stacked in a batch's row order, made once per order and device
 
     def install(self, options, patcher, stage):
         self.stage = stage
@@ -230,7 +230,10 @@ class _AttentionMaps:
     def _fuse(self, out, v, kinds, heads):
         if any(kind not in self.merged for kind in kinds):
             return out
-        m = torch.cat([self.merged[kind] for kind in kinds]).to(out.device)
+        key = (tuple(kinds), out.device)
+        if key not in self._rows:
+            self._rows[key] = torch.cat([self.merged[kind] for kind in kinds]).to(out.device)
+        m = self._rows[key]
         if m.shape[0] != out.shape[0]:
             raise frecas.StageError(f"cross-attention fusion recorded {m.shape[0]} rows but the model now runs "
                                     f"{out.shape[0]}; keep the batch and prompts the same across the cascade")
@@ -243,4 +246,4 @@ class _AttentionMaps:
                                     "cross-attention the fusion can use; set ca_fusion to 0")
         self.merged = {kind: frecas.merge_maps({t: total / count for t, (total, count) in groups.items()})
                        for kind, groups in self.recording.items()}
-        self.recording = {}
+        self.recording, self._rows = {}, {}
