@@ -111,6 +111,8 @@ def evolve(evaluate, genome_length, population=16, generations=8, seed=0, mutati
     (1..generations). ``should_stop()`` is asked before every evaluation; when it says True the search ends.
     Deterministic for a seed. Returns the archive: [(genome, (cost, drift))] in evaluation order.
     """
+    if genome_length < 1 or population < 2:
+        raise ScheduleError(f"evolve needs genome_length >= 1 and population >= 2, got {genome_length}, {population}")
     rng = random.Random(seed)
     repair = repair or (lambda genome: genome)
     mutation = 1.0 / genome_length if mutation is None else mutation
@@ -131,7 +133,8 @@ def evolve(evaluate, genome_length, population=16, generations=8, seed=0, mutati
         return genome
 
     def select(pool):
-        """The best ``population`` genomes of ``pool`` by front, then crowding distance; with rank/crowding."""
+        """The best ``population`` genomes of ``pool`` by front, then crowding distance, and each one's
+        (rank, -crowding) for the tournaments."""
         points = [seen[g] for g in pool]
         kept, info = [], {}
         for rank, front in enumerate(nondominated_sort(points)):
