@@ -219,3 +219,19 @@ def analytic_speedup(interval, shallow_share):
     if not 0 < shallow_share <= 1:
         raise ScheduleError(f"the shallow share must be in (0, 1], got {shallow_share!r}")
     return interval / (1 + (interval - 1) * shallow_share)
+
+
+def check_units(schedule, units):
+    """ScheduleError unless ``schedule`` caches exactly ``units`` (what the cache node was set to cache)."""
+    if set(schedule.units) != set(units):
+        raise ScheduleError(f"the schedule is for {', '.join(schedule.units)} but the cache node caches "
+                            f"{', '.join(units)}: set the node's branch / block range to the schedule's, or use a "
+                            f"schedule made for this setting")
+
+
+def describe(schedule):
+    """One line per unit: its pattern and how many of its steps compute."""
+    lines = [f"{schedule.steps} steps" + (f" ({schedule.meta['source']})" if "source" in schedule.meta else "")]
+    for unit, pattern in schedule.compute.items():
+        lines.append(f"{unit}: {_pattern_text(pattern)}  ({sum(pattern)} of {schedule.steps} steps computed)")
+    return "\n".join(lines)

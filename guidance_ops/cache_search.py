@@ -250,3 +250,10 @@ def pareto_plot(points, chosen=None, budget=None, size=(384, 512)):
         cost, drift = points[chosen] if isinstance(chosen, int) else chosen
         box(*pixel(float(cost), float(drift)), 4, _COLOURS["chosen"])
     return image
+
+
+def relative_drift(out, reference):
+    """How far a cached run's result lies from the uncached one of the same seed: mean squared error over the
+    reference's variance (0 = identical; 1 = as far as an unrelated sample of the same spread)."""
+    out, reference = out.double(), reference.double()
+    return float(((out - reference) ** 2).mean() / reference.var().clamp_min(1e-12))

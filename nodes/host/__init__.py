@@ -11,8 +11,11 @@
 - ``building``: models built from ComfyUI's own classes (the reference models);
 - ``sampling_loop``: the pack's own sampling loops run inside ComfyUI's guider (inversion and its replay);
 - ``cascade``: sampling in stages of growing resolution (FreCaS) as a SAMPLER;
+- ``feature_cache``: features kept across sampling steps and reused (DeepCache on UNets, block caching on DiTs);
 - ``gradients``: gradients through the model despite ComfyUI's inference mode (null-text inversion);
-- ``inversion_store``: inversions as files in ComfyUI's folders, and the model fingerprint they carry.
+- ``inversion_store``: inversions as files in ComfyUI's folders, and the model fingerprint they carry;
+- ``schedule_store``: cache schedules as files in ComfyUI's folders and the pack's presets;
+- ``files``: what both stores share (listing, lookup by plain name, numbered new names).
 
 A new mechanism (an own sampling loop, gradients through the model, caches across steps, a cascade of
 resolutions) gets a module of its own here. Everything goes through ComfyUI's sanctioned hooks; differences
@@ -25,6 +28,8 @@ from .attention import FLUX_STATES_IMG_SLICE, HAS_ATTENTION_OVERRIDE, perturb_se
 from .building import (build_diffusion_model, build_flux_text_encoder, build_kl_autoencoder, build_sd1_text_encoder,
                        flux_state_dict_for_saving, load_reference_model, unpack_weights)
 from .convolution import RedilatedConv, predict_weak_uncond, redilate_convolutions, unet_conv_sites
+from .feature_cache import cache_scope, dit_blocks, unit_shares, install_block_cache, install_deepcache, unet_depth
+from .feature_cache import report as cache_report
 from .cross_attention import (PromptToPromptController, encode_text, install_prompt_to_prompt, prompt_token_ids,
                               word_token_ids)
 from .evaluation import (add_extra_cond_pass, add_guidance_delta, add_post_cfg, add_run_conditioning, attach_model,
@@ -36,7 +41,13 @@ from .inversion_store import file_stamp as inversion_file_stamp
 from .inversion_store import load as load_inversion
 from .inversion_store import save as save_inversion
 from .inversion_store import saved_names as saved_inversions
-from .sampling_loop import run_loop
+from .sampling_loop import (empty_latent, interrupted, progress_bar, run_loop, sample_latent, sampler_names,
+                            scheduler_names, throw_if_interrupted)
+from .schedule_store import SUBFOLDER as SCHEDULE_SUBFOLDER
+from .schedule_store import file_stamp as schedule_file_stamp
+from .schedule_store import load as load_schedule
+from .schedule_store import save as save_schedule
+from .schedule_store import saved_names as saved_schedules
 from .family import (DIT_FAMILIES, FAMILY_NAMES, UNET_FAMILIES, UnsupportedModel, attention_layers, is_flow_model,
                      latent_channels, model_family, model_sampling, percent_to_sigma, prediction_space, require_family,
                      require_same_family, same_family, sigma_to_timestep)

@@ -1,16 +1,14 @@
 """Inversions as files in ComfyUI's folders, conditioning in and out of an inversion, and the model fingerprint
 that ties an inversion to the model it was made with."""
 import json
-import os
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import folder_paths
-
 from ...guidance_ops.inversion import Inversion
 from .family import FAMILY_NAMES, is_flow_model, model_family
+from .files import FileStore
 
 SUBFOLDER = "inversions"
 _FIELDS = ("sampler", "guidance", "model", "source_extra", "report")
@@ -48,55 +46,20 @@ def as_conditioning(tensors, numbers):
     return [[tensors["cross"], extra]]
 
 
-def folders():
-    return [os.path.join(folder_paths.get_output_directory(), SUBFOLDER),
-            os.path.join(folder_paths.get_input_directory(), SUBFOLDER)]
-
-
-def saved_names():
-    names = set()
-    for folder in folders():
-        if os.path.isdir(folder):
-            names.update(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-    return sorted(names)
-
-
-def _path(name):
-    if name not in saved_names() or os.path.basename(name) != name:
-        raise FileNotFoundError(f"no inversion named {name!r} in ComfyUI's output/{SUBFOLDER} or input/{SUBFOLDER} "
-                                f"folders: save one with TrainFree Save Inversion, or copy the file there")
-    return next(os.path.join(f, name) for f in folders() if os.path.isfile(os.path.join(f, name)))
-
-
-def file_stamp(name):
-    """Changes when the file does (ComfyUI then reloads it)."""
-    try:
-        stat = os.stat(_path(name))
-    except FileNotFoundError:
-        return float("nan")  # never equal: the loader runs and reports the missing file
-    return f"{stat.st_mtime_ns}-{stat.st_size}"
+_STORE = FileStore(SUBFOLDER, ".safetensors", "inversion", "save one with TrainFree Save Inversion")
+folders, saved_names, _path, file_stamp = _STORE.folders, _STORE.names, _STORE.path, _STORE.stamp
 
 
 def save(inversion, prefix):
     """Write to ComfyUI's output/inversions as ``<prefix>_NNNNN.safetensors``; returns the file name."""
-    if not prefix or any(c in prefix for c in "/\\:") or prefix.startswith("."):
-        raise ValueError(f"filename_prefix {prefix!r} must be a plain name (no folders, no leading dot); inversions "
-                         f"always go to ComfyUI's output/{SUBFOLDER} folder")
-    folder = folders()[0]
-    os.makedirs(folder, exist_ok=True)
-    taken = set(os.listdir(folder))
-    number = 1
-    while f"{prefix}_{number:05d}.safetensors" in taken:
-        number += 1
-    name = f"{prefix}_{number:05d}.safetensors"
+    name, path = _STORE.new_path(prefix)
     tensors = {"pivots": inversion.pivots, "sigmas": inversion.sigmas}
     tensors.update({f"source.{k}": v for k, v in inversion.source.items()})
     if inversion.null_embeddings is not None:
         tensors["null_embeddings"] = inversion.null_embeddings
         tensors.update({f"null_source.{k}": v for k, v in inversion.null_source.items()})
     meta = {"trainfree_inversion": json.dumps({f: getattr(inversion, f) for f in _FIELDS})}
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, os.path.join(folder, name),
-              metadata=meta)
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, path, metadata=meta)
     return name
 
 

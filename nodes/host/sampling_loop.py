@@ -33,6 +33,44 @@ def run_loop(model, positive, negative, cfg, latent_shape, sigmas, body, seed=0,
     return result["value"]
 
 
+def sample_latent(model, positive, negative, cfg, sampler_name, scheduler, steps, seed, latent):
+    """A plain sampling run, as KSampler makes it (no progress bar of its own); stops if the user interrupts."""
+    import comfy.sample
+    comfy.model_management.throw_exception_if_processing_interrupted()
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                               seed=seed, disable_pbar=True)
+
+
+def sampler_names():
+    return list(comfy.samplers.KSampler.SAMPLERS)
+
+
+def scheduler_names():
+    return list(comfy.samplers.KSampler.SCHEDULERS)
+
+
+def empty_latent(model, width, height):
+    """One empty latent of ``model``'s family for a ``width`` x ``height`` image (every family the pack serves
+    works at 1/8 of the pixels)."""
+    if width % 8 or height % 8:
+        raise ValueError(f"width and height must be multiples of 8 (got {width} x {height}): the latent has one "
+                         f"cell per 8 x 8 pixels")
+    return torch.zeros(1, model.model.latent_format.latent_channels, height // 8, width // 8)
+
+
+def progress_bar(total):
+    return comfy.utils.ProgressBar(total)
+
+
+def interrupted():
+    return comfy.model_management.processing_interrupted()
+
+
+def throw_if_interrupted():
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
 def _empty_like(positive):
     """An unconditional input when the node has none: the prompt's own shape with zeroed tensors. Only used
     where guidance is off (cfg 1), when ComfyUI does not evaluate it."""
