@@ -13,7 +13,7 @@ import torch
 from ...guidance_ops import prompt_to_prompt as p2p
 from .attention import chain_unet_replace
 from .family import DIT_FAMILIES, FAMILY_NAMES, UNET_FAMILIES, UnsupportedModel, attention_layers, model_family
-from .runs import RunScope, new_key
+from .runs import RunScope, new_key, step_of
 
 
 def prompt_token_ids(clip, text):
@@ -191,16 +191,13 @@ class PromptToPromptController:
 
     @staticmethod
     def _step(state, extra_options):
-        """The sampling step of this model call: where its sigma lies among the run's sample_sigmas (a sigma
-        between two of them, as multi-stage samplers evaluate, belongs to the step that starts above it)."""
+        """The sampling step of this model call (``step_of`` the run's sample_sigmas)."""
         if state.sigmas is None:
             if "sample_sigmas" not in extra_options:
                 raise RuntimeError("prompt-to-prompt needs the run's sigmas (transformer_options "
                                    "'sample_sigmas'), which this sampler does not provide")
             state.sigmas = [float(s) for s in extra_options["sample_sigmas"]]
-        sigma = float(extra_options["sigmas"].flatten()[0])
-        above = sum(1 for s in state.sigmas if s >= sigma * (1 - 1e-6))
-        return min(max(above - 1, 0), len(state.sigmas) - 2)
+        return step_of(state.sigmas, float(extra_options["sigmas"].flatten()[0]))
 
     def _record(self, state, source_probs, target_probs, extra_options):
         """Add the head-averaged cross maps of the source and target rows to the run's sums for this level."""

@@ -13,6 +13,7 @@ of the batch (cond, uncond and extra passes such as PAG's perturbed one, told ap
 and their conditioning), so no row is ever served another row's features; a chunk with nothing kept for its
 shape runs in full.
 """
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequenti
 
 from ...guidance_ops import cache_schedule as schedules
 from .family import DIT_FAMILIES, UNET_FAMILIES, UnsupportedModel, model_family
-from .runs import RunScope, Wrappers
+from .runs import RunScope, Wrappers, step_of
 
 _ROOT = "diffusion_model."
 
@@ -35,11 +36,12 @@ class CacheRun:
     plan_for: object
     window: tuple
     record: list = None  # receives (step, feature) of the cond chunk at every full step (schedule search)
-    plan: dict = None
-    sigmas: list = None
+    segments: list = None  # the run's sigmas, one descending list per stage (FreCaS's cascade has several)
+    plans: list = None  # per segment, {unit: [compute?] per step}
+    segment: int = 0  # the running evaluation's segment
     kept: dict = field(default_factory=dict)  # (unit, chunk) -> (signature, feature or residuals)
     reusing: dict = None  # unit -> True for the running evaluation's reused units
-    step: int = None  # the running evaluation's step
+    step: tuple = None  # the running evaluation's (segment, step)
     signature: tuple = None  # the running evaluation's rows per chunk, latent shape, dtype and device
     chunks: list = None  # the running evaluation's [(chunk key, rows)]
     seen: dict = field(default_factory=dict)  # chunk -> evaluations of it so far in the running step
@@ -49,13 +51,6 @@ class CacheRun:
     reused: dict = field(default_factory=dict)  # unit -> evaluations served from the cache
     missed: dict = field(default_factory=dict)  # unit -> reuse steps that ran in full (nothing kept for a chunk)
     seconds: dict = field(default_factory=lambda: {"full": [0.0, 0], "reuse": [0.0, 0]})
-
-
-def step_of(sigmas, sigma):
-    """The sampling step of an evaluation at ``sigma``: where it lies among the run's sample sigmas (a sigma between
-    two of them, as multi-stage samplers evaluate, belongs to the step that starts above it)."""
-    above = sum(1 for s in sigmas if s >= sigma * (1 - 1e-6))
-    return min(max(above - 1, 0), len(sigmas) - 2)
 
 
 def _chunks(run, transformer_options, rows):
@@ -72,6 +67,17 @@ def _chunks(run, transformer_options, rows):
         run.seen[(c, str(u))] = seen + 1
         out.append(((c, str(u), seen), slice(i * size, (i + 1) * size)))
     return out
+
+
+def _segments(sigmas):
+    """A run's sigmas as descending runs: a cascade (FreCaS) hands the sampler every stage's schedule, each ending
+    at 0, one after another; each stage gets the node's schedule for its own step count."""
+    out, start = [], 0
+    for i in range(1, len(sigmas)):
+        if sigmas[i] > sigmas[i - 1]:
+            out.append(sigmas[start:i])
+            start = i
+    return out + [sigmas[start:]]
 
 
 def _signature(x, chunks):
@@ -118,23 +124,27 @@ def _sync(x):
 def _decide(run, units, options, x, t):
     """``{unit: reuse?}`` for this evaluation: the schedule says reuse, the step lies inside the window, and every
     chunk of the batch has a feature kept for its shape."""
-    if run.sigmas is None:
+    if run.segments is None:
         if "sample_sigmas" not in options:
             raise UnsupportedModel("the cache needs the run's sigmas (transformer_options 'sample_sigmas'), "
                                    "which this sampler does not provide; sample with KSampler or SamplerCustom")
-        run.sigmas = [float(s) for s in options["sample_sigmas"]]
-        run.plan = run.plan_for(len(run.sigmas) - 1)
+        run.segments = _segments([float(s) for s in options["sample_sigmas"]])
+        run.plans = [run.plan_for(len(segment) - 1) for segment in run.segments]
     run.evaluations += 1
     sigma = float(t.flatten()[0])
-    step = step_of(run.sigmas, sigma)
+    following = run.segment + 1
+    if following < len(run.segments) and math.isclose(sigma, run.segments[following][0], rel_tol=1e-6):
+        run.segment = following  # a cascade's next stage starts
+    step = (run.segment, step_of(run.segments[run.segment], sigma))
     if step != run.step:
         run.step, run.seen = step, {}
+    plan = run.plans[run.segment]
     inside = run.window[1] <= sigma <= run.window[0]
     chunks = run.chunks = _chunks(run, options, x.shape[0])
     signature = run.signature = _signature(x, chunks)
     reusing = {}
     for unit in units:
-        wanted = inside and not run.plan[unit][step]
+        wanted = inside and not plan[unit][step[1]]
         have = all(run.kept.get((unit, chunk), (None,))[0] == signature for chunk, _ in chunks)
         reusing[unit] = wanted and have
         if wanted:
@@ -159,7 +169,8 @@ def report(run):
     """What a cache run did, in numbers: evaluations, reused and missed per unit, mean seconds of a full and of a
     reusing evaluation, and the speed-up those times give over running every evaluation in full."""
     (full_s, full_n), (reuse_s, reuse_n) = run.seconds["full"], run.seconds["reuse"]
-    out = {"evaluations": run.evaluations, "steps": None if run.sigmas is None else len(run.sigmas) - 1,
+    out = {"evaluations": run.evaluations,
+           "steps": None if run.segments is None else sum(len(s) - 1 for s in run.segments),
            "reused": dict(run.reused), "missed": dict(run.missed), "full_evaluations": full_n,
            "reusing_evaluations": reuse_n}
     if full_n:
@@ -253,7 +264,7 @@ def _record(run, chunks, feature):
     if run.record is not None:
         for (cond_or_uncond, _, _), rows in chunks:
             if cond_or_uncond == 0:
-                run.record.append((run.step, feature[rows].clone()))
+                run.record.append((run.step[1], feature[rows].clone()))
                 return
 
 

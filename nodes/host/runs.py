@@ -51,6 +51,13 @@ class RunScope:
             self.state = outer
 
 
+def step_of(sigmas, sigma):
+    """The sampling step of an evaluation at ``sigma``: where it lies among the run's sample sigmas (a sigma between
+    two of them, as multi-stage samplers evaluate, belongs to the step that starts above it)."""
+    above = sum(1 for s in sigmas if s >= sigma * (1 - 1e-6))
+    return min(max(above - 1, 0), len(sigmas) - 2)
+
+
 _LATENT_GUARD = "trainfree_latent_guard"
 
 

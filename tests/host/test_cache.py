@@ -350,3 +350,53 @@ def test_a_model_it_cannot_serve_is_refused(tiny, node, family, message):
 def test_two_deepcaches_on_one_model_are_refused(tiny):
     with pytest.raises(ValueError, match="keep one DeepCache node"):
         deepcache(deepcache(tiny("sd15")))
+
+
+class InjectControl:
+    """APPLY_MODEL wrapper outside the cache: hands the UNet ControlNet-style residuals (one per block, in the
+    order ComfyUI pops them), as a ControlNet node does, recording what the model computed at each block."""
+
+    def __init__(self, model, scale=0.5):
+        import comfy.patcher_extension as pe
+        self.scale = scale
+        model.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "test_control", self)
+
+    def __call__(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        b, (h, w) = x.shape[0], x.shape[-2:]
+        shapes = [(32, h, w), (32, h, w), (32, h // 2, w // 2), (64, h // 2, w // 2)]  # tiny SD1.5's input blocks
+        ones = [torch.full((b, *s), self.scale) for s in shapes]
+        control = {"input": ones[::-1], "middle": [torch.full((b, 64, h // 2, w // 2), self.scale)],
+                   "output": list(ones)}  # output block i pops hs[3 - i]'s shape from the end
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+
+def test_controlnet_residuals_of_skipped_blocks_are_left_out_and_the_rest_applied(tiny, caplog):
+    import logging
+    model = tiny("sd15")
+    controlled = model.clone()
+    InjectControl(controlled)
+    with caplog.at_level(logging.WARNING):
+        neutral = sample(deepcache(controlled, interval=1), "sd15", steps=STEPS)
+        assert torch.equal(neutral, sample(controlled, "sd15", steps=STEPS))
+        with_control = sample(deepcache(controlled, interval=3), "sd15", steps=STEPS)
+    assert "control could not be applied" not in caplog.text
+    assert not torch.equal(with_control, sample(deepcache(model, interval=3), "sd15", steps=STEPS))
+
+
+@pytest.mark.parametrize("family", ("sd15", "flux"))
+def test_inside_a_frecas_cascade_each_stage_gets_its_own_schedule(tiny, family, host):
+    """FreCaS hands the sampler every stage's sigmas one after another; each stage starts with a full step (its
+    latent has a new size) and follows the 1:N schedule for its own steps."""
+    from test_frecas import frecas, guided
+    model = tiny(family)
+
+    def cascade(m):
+        sampler, sigmas, latent = frecas(m, family, steps="4, 3", ends="200, 0", width=128, base=64, fa=False, ca=0.0)
+        return guided(m, family, sampler, sigmas, latent["samples"])
+    assert torch.equal(cascade(cache(model, family, interval=1)), cascade(model))
+    patched = cache(model, family, interval=2)
+    out = cascade(patched)
+    rep = report(host, patched)
+    assert rep["evaluations"] == 7 and rep["steps"] == 7
+    assert rep["reusing_evaluations"] == 2 + 1 and rep["missed"] == {}  # steps 1, 3 of stage 1; step 1 of stage 2
+    assert not torch.equal(out, cascade(model))

@@ -186,3 +186,13 @@ def test_second_models_in_another_dtype(models, plain):
         run = Run(patched, "sd15", second=other)
         assert run.model_dtypes == {F16, BF16} and torch.isfinite(run.out).all()
         assert (run.out - reference.out).abs().max() > 0.01 * reference.out.abs().max()
+
+
+@pytest.mark.parametrize("case", IMAGE_CASES, ids=case_id)
+def test_caches(models, plain, case):
+    """DeepCache (UNets) and the block cache (DiTs) keep the model's dtype in what they cache and serve."""
+    from test_cache import cache
+    family, dtype = case
+    model, reference = models(family, dtype), plain(family, dtype)
+    check(Run(cache(model, family, interval=2), family), reference, dtype, acts=True)
+    check(Run(cache(model, family, interval=1), family), reference, dtype, acts=False)
