@@ -400,3 +400,28 @@ def test_inside_a_frecas_cascade_each_stage_gets_its_own_schedule(tiny, family, 
     assert rep["evaluations"] == 7 and rep["steps"] == 7
     assert rep["reusing_evaluations"] == 2 + 1 and rep["missed"] == {}  # steps 1, 3 of stage 1; step 1 of stage 2
     assert not torch.equal(out, cascade(model))
+
+
+@pytest.mark.parametrize("order", ["cache last", "cache first"])
+def test_composes_with_core_freeu_pag_and_scalecrafter(tiny, order, host):
+    """Core FreeU (an output-block patch like the cache point), core PAG (a post-CFG pass of its own) and
+    ScaleCrafter (re-dilated convolutions and a weak unconditional pass): with a schedule that never reuses the
+    result is theirs exactly, in either order; with reuse every pass finds its own kept feature."""
+    model = tiny("sd15")
+
+    def others(m):
+        m = run_node("FreeU_V2", model=m, b1=1.3, b2=1.4, s1=0.9, s2=0.2)[0]
+        m = run_node("PerturbedAttentionGuidance", model=m, scale=1.5)[0]
+        return run_node("TrainFreeScaleCrafter", model=m, preset="generic 16x pixels", dilate_percent=-1.0,
+                        progressive="preset default", noise_damped="on", disperse_percent=0.0)[0]
+
+    def stack(interval):
+        if order == "cache first":
+            return others(deepcache(model, interval=interval))
+        return deepcache(others(model), interval=interval)
+    assert torch.equal(sample(stack(1), "sd15", steps=STEPS), sample(others(model), "sd15", steps=STEPS))
+    patched = stack(3)
+    out = sample(patched, "sd15", steps=STEPS)
+    rep = report(host, patched)
+    assert rep["missed"] == {} and rep["reusing_evaluations"] > 4  # main, PAG's and the weak passes reuse
+    assert not torch.equal(out, sample(others(model), "sd15", steps=STEPS))

@@ -13,7 +13,7 @@ STEPS = 8
 
 
 @pytest.fixture
-def folders(tmp_path, monkeypatch):
+def folders(pack, tmp_path, monkeypatch):
     import folder_paths
     monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path / "output"))
     monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path / "input"))
@@ -102,3 +102,22 @@ def test_a_model_without_a_cache_patch_is_refused(tiny, clip, folders):
 def test_empty_prompts_are_refused(tiny, clip, folders):
     with pytest.raises(ValueError, match="calibration_prompts is empty"):
         search(deepcache(tiny("sd15")), clip, prompts="\n  \n")
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"format": "trainfree-cache-schedule", "version": 1, "steps": 4, "compute": {"branch 0": "CRR"}}',
+     "bad.json: unit 'branch 0': the pattern has 3 letters but the schedule has 4 steps"),
+    ('{"format": "trainfree-cache-schedule", "version": 1, "steps": 2, "compute": {"middle": "CR"}}',
+     "bad.json: unknown cache unit 'middle'"),
+    ('{"steps": 2,', "bad.json: the cache schedule is not valid JSON"),
+])
+def test_a_malformed_schedule_file_is_refused_naming_the_file(folders, text, message):
+    (folders / "input" / "cache_schedules").mkdir(parents=True)
+    (folders / "input" / "cache_schedules" / "bad.json").write_text(text)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        run_node("TrainFreeLoadCacheSchedule", schedule_file="bad.json")
+
+
+def test_only_listed_plain_file_names_are_loaded(folders):
+    with pytest.raises(FileNotFoundError, match="run the cache schedule search"):
+        run_node("TrainFreeLoadCacheSchedule", schedule_file="../secrets.json")
