@@ -10,6 +10,7 @@
   (ScaleCrafter);
 - ``building``: models built from ComfyUI's own classes (the reference models);
 - ``sampling_loop``: the pack's own sampling loops run inside ComfyUI's guider (inversion and its replay);
+- ``samplers``: the pack's own samplers (CFG++, momentum) as SAMPLER objects;
 - ``cascade``: sampling in stages of growing resolution (FreCaS) as a SAMPLER;
 - ``feature_cache``: features kept across sampling steps and reused (DeepCache on UNets, block caching on DiTs);
 - ``gradients``: gradients through the model despite ComfyUI's inference mode (null-text inversion);
@@ -51,6 +52,7 @@ from .schedule_store import saved_names as saved_schedules
 from .family import (DIT_FAMILIES, FAMILY_NAMES, UNET_FAMILIES, UnsupportedModel, attention_layers, is_flow_model,
                      latent_channels, model_family, model_sampling, percent_to_sigma, prediction_space, require_family,
                      require_same_family, same_family, sigma_to_timestep)
+from .samplers import alpha_function, guided_sampler
 from .runs import CLONE_DEEP_COPIES_OBJECTS, RunScope, Wrappers, check_latent, guard_latent, new_key, run_reports
 
 
