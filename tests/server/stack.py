@@ -13,8 +13,9 @@ OVERRIDES = {"TrainFreeResidualCFG": {"mode": "self-negative"},
              "TrainFreeScaleCrafter": {"preset": "generic 4x pixels"}}  # the official tables fit four-level UNets
 
 
-# Patches that serve DiTs only: they act in the Flux-class chain, not in the SD1.5-class stack.
-DIT_PATCHES = ("TrainFreeBlockCache",)
+# Patches kept out of the SD1.5-class stack: the DiT block cache acts in the Flux-class chain; DeepCache in the
+# cache chain (on the stack it would also run under null-text inversion, whose gradient a reuse step cuts: open).
+DIT_PATCHES = ("TrainFreeBlockCache", "TrainFreeDeepCache")
 LOADED_SCHEDULE = "deepcache_sd15_reference_00001.json"  # workflows/input/cache_schedules: 25 steps, branch 0
 LOADED_SCHEDULE_STEPS = 25
 INVERSION_NODES = ("TrainFreeInvert", "TrainFreeNullTextInversion", "TrainFreePromptToPrompt", "TrainFreeSaveInversion",
