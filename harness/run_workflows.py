@@ -29,6 +29,8 @@ SCHEDULER_NODES = ("BasicScheduler",)  # an inversion's schedule: its steps are 
 EDIT_NODES = ("TrainFreeSampleFromInversion", "TrainFreePromptToPrompt", "TrainFreeFlowOpt")  # sample inversions
 CASCADE_NODES = ("TrainFreeFreCaS",)  # plan a cascade for SamplerCustomAdvanced: sizes and stage steps are capped
 SCALECRAFTER = "TrainFreeScaleCrafter"
+SEARCH_NODES = ("TrainFreeCacheScheduleSearch",)  # sample like the workflow's KSampler: size and steps follow it
+SCHEDULE_LOADERS = ("TrainFreeLoadCacheSchedule",)  # a loaded schedule is for its step count: steps stay as saved
 
 
 def generic_scalecrafter_preset(preset):
@@ -127,6 +129,7 @@ def to_test_prompt(path, max_size=128, max_steps=4):
         return {"class_type": LOADERS[node["class_type"]], "inputs": {"family": family, "variant": variant}}
 
     prompt = load_prompt(path)
+    steps_fixed = bool(_each(prompt, SCHEDULE_LOADERS))
     for key, node in prompt.items():
         if node["class_type"] in LOADERS:
             prompt[key] = tiny(node)
@@ -134,7 +137,10 @@ def to_test_prompt(path, max_size=128, max_steps=4):
         for side in ("width", "height"):
             node["inputs"][side] = min(node["inputs"][side], max_size)
     for node in _each(prompt, SAMPLER_NODES + SCHEDULER_NODES):
-        node["inputs"]["steps"] = min(node["inputs"]["steps"], max_steps)
+        if not steps_fixed:
+            node["inputs"]["steps"] = min(node["inputs"]["steps"], max_steps)
+    for node in _each(prompt, SEARCH_NODES):
+        node["inputs"].update(capped_search(node["inputs"], max_size, max_steps))
     for node in _each(prompt, ("TrainFreeFlowOpt",)):  # it regenerates at most the schedule's steps
         node["inputs"]["n_max"] = min(node["inputs"]["n_max"], max_steps)
     for node in _each(prompt, CASCADE_NODES):
@@ -151,6 +157,15 @@ def capped_stage_steps(text, total):
     if sum(steps) > total:
         steps = [max(1, round(n * total / sum(steps))) for n in steps]
     return ", ".join(str(n) for n in steps)
+
+
+def capped_search(inputs, size, steps):
+    """A cache schedule search cut down to a short run (its first calibration prompt, the smallest population, one
+    generation) at the capped size and steps, which its workflow's KSampler also gets."""
+    return {"width": min(inputs["width"], size), "height": min(inputs["height"], size),
+            "steps": min(inputs["steps"], steps), "population": min(inputs["population"], 4),
+            "generations": min(inputs["generations"], 1),
+            "calibration_prompts": inputs["calibration_prompts"].strip().splitlines()[0]}
 
 
 DIGIT_CAPTION = "a red digit seven on a dark background"
@@ -177,7 +192,9 @@ def reference_workflow(workflow, steps=6, batch=1, caption=DIGIT_CAPTION, seed=N
     prompt to ``caption`` and its negative to "". On the Flux-class model, which has no guidance embedding, the
     CFG scale is set to ``FLUX_REFERENCE_CFG``; FluxGuidance stays (the model ignores it), and so it does on SD1.5.
     A CFGGuider's prompts are set like KSampler's; a FreCaS cascade goes from the reference size to twice its side
-    with its stage steps scaled to about ``steps``. The browser tests load this; ``to_reference_prompt`` converts it."""
+    with its stage steps scaled to about ``steps``. A cache schedule search calibrates on ``caption`` at the
+    sampler's steps, size and cfg, with at most 4 schedules per generation and one generation; where a workflow
+    loads a saved cache schedule, made for one step count, the sampler keeps its steps. The browser tests load this; ``to_reference_prompt`` converts it."""
     workflow = json.loads(json.dumps(workflow))
     family = reference_family(workflow)
     # ScaleCrafter samples above the training size: 4x or 16x the reference model's pixel count
@@ -186,6 +203,7 @@ def reference_workflow(workflow, steps=6, batch=1, caption=DIGIT_CAPTION, seed=N
     nodes = {node["id"]: node for node in workflow["nodes"]}
     links = {link[0]: link for link in workflow["links"]}
     moved = {}
+    steps_fixed = any(n["type"] in SCHEDULE_LOADERS for n in workflow["nodes"])
     for node in workflow["nodes"]:
         kind = node["type"]
         if kind in LOADER_OUTPUTS:
@@ -201,7 +219,7 @@ def reference_workflow(workflow, steps=6, batch=1, caption=DIGIT_CAPTION, seed=N
             node.update(type=REFERENCE_LATENT_NODES[family], widgets_values=[size, size, batch])
         elif kind == "KSampler":
             values = node["widgets_values"]  # seed, its control entry, steps, cfg, ...
-            values[2] = steps
+            values[2] = values[2] if steps_fixed else steps
             values[0] = values[0] if seed is None else seed
             if family == "flux":
                 values[3] = FLUX_REFERENCE_CFG
@@ -222,6 +240,13 @@ def reference_workflow(workflow, steps=6, batch=1, caption=DIGIT_CAPTION, seed=N
             node["widgets_values"][1] = min(node["widgets_values"][1], steps)
         elif kind == SCALECRAFTER:
             node["widgets_values"][0] = generic_scalecrafter_preset(node["widgets_values"][0])
+        elif kind in SEARCH_NODES:  # calibration prompts, negative, seed, its control entry, steps, cfg,
+            values = node["widgets_values"]  # sampler, scheduler, width, height, method, budget, population, ...
+            values[:2] = [caption, ""]  # calibrated on the caption the sampler gets, at its steps, size and cfg
+            values[4] = steps
+            values[5] = FLUX_REFERENCE_CFG if family == "flux" else values[5]
+            values[8:10] = [REFERENCE_SIZE, REFERENCE_SIZE]
+            values[12:14] = [min(values[12], 4), min(values[13], 1)]
     for link in workflow["links"]:
         if link[1] in moved:
             link[2] = moved[link[1]][link[2]]
@@ -243,8 +268,20 @@ def run(path, out_dir, on="reference", caption=DIGIT_CAPTION, batch=1):
     started = time.perf_counter()
     prompt = to_reference_prompt(path, caption, batch) if on == "reference" else to_test_prompt(path)
     outputs = comfy_host.execute_prompt(prompt, prompt_id=os.path.basename(path))
-    images = [img["filename"] for ui in outputs.values() for img in ui.get("images", [])]
+    images = [_in_out_dir(img, out_dir) for ui in outputs.values() for img in ui.get("images", [])]
     return images, time.perf_counter() - started
+
+
+def _in_out_dir(image, out_dir):
+    """The file name in ``out_dir`` of an image a workflow saved or previewed (previews, such as a schedule
+    search's Pareto plot, are copied there from ComfyUI's temp folder)."""
+    if image.get("type", "output") == "output":
+        return os.path.join(image.get("subfolder", ""), image["filename"])
+    import folder_paths
+    name = f"{image['type']}_{image['filename']}"
+    shutil.copyfile(os.path.join(folder_paths.get_temp_directory(), image.get("subfolder", ""), image["filename"]),
+                    os.path.join(out_dir, name))
+    return name
 
 
 def write_strip(paths, target):

@@ -26,9 +26,9 @@ TEST_NODES = "trainfree_testing"
 # the file next to it and would crash at start-up, so the launcher hides that one file (and nothing else).
 _LAUNCHER = """
 import os, runpy, sys
-hidden = os.path.join(sys.argv[1], "extra_model_paths.yaml")
+hidden = os.path.realpath(os.path.join(sys.argv[1], "extra_model_paths.yaml"))  # main.py reads it by real path
 real_isfile = os.path.isfile
-os.path.isfile = lambda p: False if os.path.abspath(str(p)) == hidden else real_isfile(p)
+os.path.isfile = lambda p: False if os.path.realpath(str(p)) == hidden else real_isfile(p)
 os.chdir(sys.argv[1])
 sys.path.insert(0, sys.argv[1])
 sys.argv = [os.path.join(sys.argv[1], "main.py")] + sys.argv[2:]

@@ -245,7 +245,7 @@ def install_deepcache(model, key, branch, plan_for, window, finish=None):
                 transformer_options["transformer_index"] = run.transformer_index
             return h, hsp
         for chunk, rows in chunks:
-            run.kept[(unit, chunk)] = (run.signature, h[rows].clone())
+            run.kept[(unit, chunk)] = (run.signature, h[rows].detach().clone())  # a constant: no graph kept (null-text)
         run.transformer_index = transformer_options.get("transformer_index")
         _record(run, chunks, h)
         return h, hsp
@@ -373,7 +373,7 @@ def _range_link(previous, scope_of, unit, where):
         if where in ("last", "only"):
             entering = run.entering.pop(unit)
             for chunk, rows in run.chunks:
-                residual = {s: None if out.get(s) is None else (out[s][rows] - entering[s][rows]).clone()
+                residual = {s: None if out.get(s) is None else (out[s][rows] - entering[s][rows]).detach().clone()
                             for s in streams}
                 run.kept[(unit, chunk)] = (run.signature, residual)
             _record(run, run.chunks, out["img"] - entering["img"])

@@ -1,6 +1,7 @@
 """An API prompt that stacks every patch of the pack on the reference model, for the server tests; optionally
 followed by every inversion node (inversion, null-text, prompt-to-prompt, save / load, sampling, FlowOpt on the
-Flux-class model) and a FreCaS cascade on the stacked model.
+Flux-class model, whose sampler runs through the DiT block cache), a FreCaS cascade on the stacked model, and the
+cache schedule nodes (a schedule searched, and one loaded, each sampled through DeepCache).
 
 The patches and their settings come from the server's /object_info (defaults), so a new MODEL -> MODEL node joins
 the stack, and the bad-input table, by itself. A second model input (guide, weak model) gets a second copy of the
@@ -12,16 +13,23 @@ OVERRIDES = {"TrainFreeResidualCFG": {"mode": "self-negative"},
              "TrainFreeScaleCrafter": {"preset": "generic 4x pixels"}}  # the official tables fit four-level UNets
 
 
+# Patches kept out of the SD1.5-class stack: the DiT block cache acts in the Flux-class chain; DeepCache in the
+# cache chain (on the stack it would also run under null-text inversion, whose gradient a reuse step cuts: open).
+DIT_PATCHES = ("TrainFreeBlockCache", "TrainFreeDeepCache")
+LOADED_SCHEDULE = "deepcache_sd15_reference_00001.json"  # workflows/input/cache_schedules: 25 steps, branch 0
+LOADED_SCHEDULE_STEPS = 25
 INVERSION_NODES = ("TrainFreeInvert", "TrainFreeNullTextInversion", "TrainFreePromptToPrompt", "TrainFreeSaveInversion",
                    "TrainFreeLoadInversion", "TrainFreeSampleFromInversion", "TrainFreeFlowOpt")
-CHAIN_NODES = INVERSION_NODES + ("TrainFreeFreCaS",)  # the nodes of the chains ``inversion=True`` adds
+CACHE_NODES = ("TrainFreeCacheScheduleSearch", "TrainFreeLoadCacheSchedule")
+CHAIN_NODES = INVERSION_NODES + ("TrainFreeFreCaS",) + DIT_PATCHES + CACHE_NODES  # in the chains ``inversion=True`` adds
+CHAIN_IMAGES = ("87", "88", "79", "65", "56", "57")  # the decoded images of those chains
 
 
 def patch_nodes(object_info):
-    """The pack's MODEL -> MODEL nodes, in the order the server lists them."""
+    """The pack's MODEL -> MODEL nodes for the SD1.5-class stack, in the order the server lists them."""
     return [name for name, info in object_info.items()
             if name.startswith("TrainFree") and list(info["output"]) == ["MODEL"]
-            and info["input"]["required"].get("model", [None])[0] == "MODEL"]
+            and info["input"]["required"].get("model", [None])[0] == "MODEL" and name not in DIT_PATCHES]
 
 
 def patch_inputs(object_info, name):
@@ -58,8 +66,9 @@ def stack_prompt(object_info, patches=None, width=128, height=128, batch=1, step
     })
     if inversion:
         prompt.update(inversion_chain(model, caption, steps))
-        prompt.update(flow_chain(caption, steps))
+        prompt.update(flow_chain(object_info, caption, steps))
         prompt.update(cascade_chain(model, steps))
+        prompt.update(cache_chain(object_info, caption, steps))
     return {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in prompt.items()}
 
 
@@ -120,18 +129,21 @@ def cascade_chain(model, steps):
     }
 
 
-def flow_chain(caption, steps):
+def flow_chain(object_info, caption, steps):
     """The Flux-class reference model: a sampled image inverted along the flow and edited with FlowOpt, decoded
     as node "79"."""
     model, clip, vae = ["70", 0], ["70", 1], ["70", 2]
     return {
         "70": {"class_type": "TrainFreeReferenceModel", "inputs": {"model_file": "trainfree_digits_flux.safetensors"}},
+        "68": {"class_type": "TrainFreeBlockCache", "inputs": {**patch_inputs(object_info, "TrainFreeBlockCache"),
+                                                               "model": model}},
         "71": {"class_type": "CLIPTextEncode", "inputs": {"text": caption, "clip": clip}},
         "72": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": clip}},
         "73": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
         "74": {"class_type": "KSampler", "inputs": {
-            "model": model, "seed": 1, "steps": steps, "cfg": 5.0, "sampler_name": "euler", "scheduler": "simple",
-            "positive": ["71", 0], "negative": ["72", 0], "latent_image": ["73", 0], "denoise": 1.0}},
+            "model": ["68", 0], "seed": 1, "steps": steps, "cfg": 5.0, "sampler_name": "euler",
+            "scheduler": "simple", "positive": ["71", 0], "negative": ["72", 0], "latent_image": ["73", 0],
+            "denoise": 1.0}},
         **_inverted("75", "76", model, ["71", 0], ["74", 0], "simple", steps, fixed_point_iterations=0),
         "77": {"class_type": "TrainFreeFlowOpt", "inputs": {"model": model, "inversion": ["76", 0],
                                                             "positive": ["71", 0], "negative": ["72", 0],
@@ -139,4 +151,39 @@ def flow_chain(caption, steps):
                                                             "eta": 0.0}},
         "79": {"class_type": "VAEDecode", "inputs": {"samples": ["77", 0], "vae": vae}},
         "69": {"class_type": "SaveImage", "inputs": {"images": ["79", 0], "filename_prefix": "trainfree_flowopt"}},
+    }
+
+
+def _cached_sampler(key, deepcache_key, schedule, steps, seed):
+    """A 64 px sample of the reference model through DeepCache following ``schedule``."""
+    return {
+        deepcache_key: {"class_type": "TrainFreeDeepCache", "inputs": {
+            "model": ["1", 0], "cache_interval": 3, "schedule": "from schedule input", "start_percent": 0.0,
+            "end_percent": 1.0, "cache_branch": 0, "cache_schedule": schedule}},
+        key: {"class_type": "KSampler", "inputs": {
+            "model": [deepcache_key, 0], "seed": seed, "steps": steps, "cfg": 5.0, "sampler_name": "euler",
+            "scheduler": "normal", "positive": ["90", 0], "negative": ["91", 0], "latent_image": ["55", 0],
+            "denoise": 1.0}}}
+
+
+def cache_chain(object_info, caption, steps):
+    """On the reference model (the search needs exactly one cache patch, which the stack may already hold): a
+    schedule searched (CacheQuant's dynamic programming on the caption) and sampled through a second DeepCache,
+    decoded as node "56"; the example workflows' saved schedule loaded and sampled at its 25 steps, as "57"."""
+    return {
+        "50": {"class_type": "TrainFreeDeepCache", "inputs": {**patch_inputs(object_info, "TrainFreeDeepCache"),
+                                                              "model": ["1", 0]}},
+        "51": {"class_type": "TrainFreeCacheScheduleSearch", "inputs": {
+            "model": ["50", 0], "clip": ["1", 1], "calibration_prompts": caption, "negative_prompt": "", "seed": 0,
+            "steps": steps, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "width": 64, "height": 64,
+            "method": "dynamic programming (CacheQuant)", "budget": 0.7, "population": 4, "generations": 0,
+            "filename_prefix": "trainfree_stack"}},
+        "52": {"class_type": "TrainFreeLoadCacheSchedule", "inputs": {"schedule_file": LOADED_SCHEDULE}},
+        "55": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        **_cached_sampler("53", "54", ["51", 0], steps, seed=2),
+        **_cached_sampler("48", "49", ["52", 0], LOADED_SCHEDULE_STEPS, seed=2),
+        "56": {"class_type": "VAEDecode", "inputs": {"samples": ["53", 0], "vae": ["1", 2]}},
+        "57": {"class_type": "VAEDecode", "inputs": {"samples": ["48", 0], "vae": ["1", 2]}},
+        "58": {"class_type": "SaveImage", "inputs": {"images": ["56", 0], "filename_prefix": "trainfree_searched"}},
+        "59": {"class_type": "SaveImage", "inputs": {"images": ["57", 0], "filename_prefix": "trainfree_loaded_cache"}},
     }

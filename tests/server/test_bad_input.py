@@ -3,12 +3,13 @@
 the fix. Afterwards the server still serves, and a valid prompt gives exactly what a fresh server gives."""
 import json
 import math
+import os
 
 import pytest
 
 from harness.server import ComfyServer, error_message
 from tests.server.conftest import SERVER_ARGS, pixels
-from tests.server.stack import CHAIN_NODES, patch_nodes, stack_prompt
+from tests.server.stack import CHAIN_NODES, LOADED_SCHEDULE_STEPS, patch_nodes, stack_prompt
 
 # Words with which our messages tell the user what to do.
 FIX_WORDS = ("enter", "use", "connect", "swap", "name", "write", "make", "choose", "put", "must", "reinstall")
@@ -49,6 +50,10 @@ def _cases(object_info):
            "blend")
     yield ("frecas-unreachable-size", "TrainFreeFreCaS", {"height": 208, "width": 208, "stage_steps": "1, 1, 1",
                                                           "stage_end_timesteps": "400, 200, 0"}, "execution", "height")
+    yield ("deepcache-schedule-input-unconnected", "TrainFreeDeepCache", {"schedule": "from schedule input"},
+           "execution", "schedule")
+    yield ("block-cache-range-outside-the-model", "TrainFreeBlockCache", {"first_block": 150}, "execution",
+           "first_block")
     yield ("p2p-source-text-differs", "TrainFreePromptToPrompt", {"source_text": "a digit"}, "execution",
            "source_text")
 
@@ -159,6 +164,35 @@ def test_latent_of_another_family_is_refused_by_name(server, object_info):
     assert status == 200, answer
     message = error_message(server.wait(answer["prompt_id"]))
     assert message and "latent" in message.lower() and "channels" in message, message
+
+
+def _loaded_schedule_prompt(object_info):
+    """The chain that samples the loaded cache schedule: its loader's id and its sampler's id."""
+    prompt, node_id = _broken_prompt(object_info, "TrainFreeLoadCacheSchedule", {})
+    sampler = next(k for k, n in prompt.items() if n["class_type"] == "KSampler"
+                   and n["inputs"]["steps"] == LOADED_SCHEDULE_STEPS)
+    return prompt, node_id, sampler
+
+
+def test_a_schedule_for_another_step_count_is_refused_by_name(server, object_info):
+    prompt, _, sampler = _loaded_schedule_prompt(object_info)
+    prompt[sampler]["inputs"]["steps"] = LOADED_SCHEDULE_STEPS - 1
+    _check_refusal(server, prompt, sampler, "execution", "steps")
+
+
+def test_a_malformed_schedule_file_is_refused_by_name(server, object_info):
+    """A hand-written schedule whose first step reuses (nothing is cached yet) is named, with the rule it breaks."""
+    name = "trainfree_broken_schedule.json"
+    path = os.path.join(server.base_dir, "input", "cache_schedules", name)
+    with open(path, "w") as f:
+        json.dump({"format": "trainfree-cache-schedule", "version": 1, "steps": LOADED_SCHEDULE_STEPS,
+                   "compute": {"branch 0": "R" * LOADED_SCHEDULE_STEPS}}, f)
+    try:
+        prompt, node_id, _ = _loaded_schedule_prompt(object_info)
+        prompt[node_id]["inputs"]["schedule_file"] = name
+        _check_refusal(server, prompt, node_id, "execution", name)
+    finally:
+        os.remove(path)
 
 
 @pytest.mark.parametrize("width, height, batch", [(136, 72, 3), (64, 64, 2)])

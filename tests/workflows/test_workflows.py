@@ -18,7 +18,10 @@ NEUTRAL = {"TrainFreePAG": {"scale": 0.0},
            "TrainFreeAPG": {"eta": 1.0, "norm_threshold": 0.0, "momentum": 0.0},
            "TrainFreeGuidanceInterval": {"sigma_low": 0.0, "sigma_high": 1000.0},
            "TrainFreeNoiseDampedCFG": {"damped_percent": 0.0},
-           "TrainFreeScaleCrafter": {"dilate_percent": 0.0}}
+           "TrainFreeScaleCrafter": {"dilate_percent": 0.0},
+           # every step in full; a connected schedule (loaded or searched) is disconnected (None: input removed)
+           "TrainFreeDeepCache": {"cache_interval": 1, "schedule": "uniform", "cache_schedule": None},
+           "TrainFreeBlockCache": {"cache_interval": 1, "schedule": "uniform", "cache_schedule": None}}
 _CollectLatent, _latents = collect.collector("samples", "LATENT", take=lambda samples: samples["samples"])
 
 
@@ -61,16 +64,39 @@ def second_models_made_distinct(prompt, node_ids):
     return prompt
 
 
+def neutralised(prompt, key):
+    """The prompt with node ``key`` set to its neutral setting (``NEUTRAL``; a None value removes the input)."""
+    inputs = prompt[key]["inputs"]
+    for name, value in NEUTRAL[prompt[key]["class_type"]].items():
+        if value is None:
+            inputs.pop(name, None)
+        else:
+            inputs[name] = value
+
+
+def _needed_by(prompt, keys):
+    """``keys`` and every node they take an input from, directly or not."""
+    needed, todo = set(), list(keys)
+    while todo:
+        key = todo.pop()
+        if key not in needed:
+            needed.add(key)
+            todo += [v[0] for v in prompt[key]["inputs"].values() if isinstance(v, list) and len(v) == 2]
+    return needed
+
+
 def sampled(prompt, out_dir=None):
-    """Execute the prompt; the latents of its samplers, in node order. Without ``out_dir`` no image is decoded."""
+    """Execute the prompt; the latents of its samplers, in node order. Without ``out_dir`` only what the samplers
+    need runs: no image is decoded, no other output (a cache schedule search whose schedule is not used) runs."""
     import folder_paths
     prompt = json.loads(json.dumps(prompt))
-    if out_dir is None:
-        prompt = {k: v for k, v in prompt.items() if v["class_type"] not in ("SaveImage", "PreviewImage")}
-    else:
-        folder_paths.set_output_directory(out_dir)
     samplers = sorted(k for k, v in prompt.items()
                       if v["class_type"] in run_workflows.SAMPLER_NODES + run_workflows.EDIT_NODES)
+    if out_dir is None:
+        needed = _needed_by(prompt, samplers)
+        prompt = {k: v for k, v in prompt.items() if k in needed}
+    else:
+        folder_paths.set_output_directory(out_dir)
     for key in samplers:
         prompt[f"collect{key}"] = {"class_type": "HarnessCollectLatent", "inputs": {"samples": [key, 0], "key": key}}
     _latents.clear()
@@ -104,10 +130,16 @@ def test_unknown_node_types_are_named(engine):
         ui_to_api(workflow, run_workflows.node_definitions())
 
 
+def saved_images(outputs, kind="output"):
+    """The file names of the images the outputs wrote to the output folder (``kind="temp"``: previewed)."""
+    return [image["filename"] for ui in outputs.values() for image in ui.get("images", [])
+            if image.get("type", "output") == kind]
+
+
 def has_patch(path):
     return any(n["type"] in ("TrainFreePAG", "TrainFreeAPG", "TrainFreeFDG", "TrainFreeGuidanceInterval",
                              "TrainFreeNoiseDampedCFG", "TrainFreeResidualCFG", "TrainFreeTwoModelGuidance",
-                             "TrainFreeScaleCrafter")
+                             "TrainFreeScaleCrafter", "TrainFreeDeepCache", "TrainFreeBlockCache")
                for n in json.load(open(path))["nodes"])
 
 
@@ -179,14 +211,22 @@ def test_workflow_runs_and_its_technique_acts(engine, path, tmp_path):
     assert patches, "the workflow has no node of the pack"
     prompt = second_models_made_distinct(prompt, patches)
     latent, outputs = sampled(prompt, str(tmp_path))
-    images = [image["filename"] for ui in outputs.values() for image in ui.get("images", [])]
+    images = saved_images(outputs)
     assert images and all(os.path.getsize(tmp_path / name) > 0 for name in images)
     assert torch.isfinite(latent).all()
+    searches = [v for v in prompt.values() if v["class_type"] in run_workflows.SEARCH_NODES]
+    if searches:  # the schedule is saved for the sampler's steps, and its Pareto plot previewed
+        (steps,) = {v["inputs"]["steps"] for v in prompt.values() if v["class_type"] in run_workflows.SAMPLER_NODES}
+        assert [s["inputs"]["steps"] for s in searches] == [steps] * len(searches)
+        saved = os.listdir(tmp_path / "cache_schedules")
+        assert len(saved) == len(searches) and all(f'"steps": {steps},' in (tmp_path / "cache_schedules" / name)
+                                                   .read_text() for name in saved), saved
+        assert len(saved_images(outputs, "temp")) == len(searches)
     plain, _ = sampled(bypassed(prompt, patches))
     assert (latent - plain).abs().max() > 1e-3, "bypassing the pack's node leaves the result unchanged"
     kinds = {prompt[key]["class_type"] for key in patches}
     if kinds <= set(NEUTRAL):
         for key in patches:
-            prompt[key]["inputs"].update(NEUTRAL[prompt[key]["class_type"]])
+            neutralised(prompt, key)
         neutral, _ = sampled(prompt)
         assert torch.equal(neutral, plain), "the neutral setting changes the result"
