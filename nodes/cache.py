@@ -105,7 +105,8 @@ class TrainFreeDeepCache(ModelPatchNode):
         m = model.clone()
         depth = host.unet_depth(m)
         if cache_branch > depth:
-            raise ValueError(f"cache_branch {cache_branch} does not exist: this UNet has branches 0 to {depth}")
+            raise ValueError(f"cache_branch {cache_branch} does not exist: this UNet has branches 0 to {depth}; "
+                             f"choose one of them")
         units = [f"branch {cache_branch}"]
         plan_for = plan_maker(units, schedule, cache_interval, cache_schedule)
         host.install_deepcache(m, host.new_key("deepcache"), cache_branch, plan_for,

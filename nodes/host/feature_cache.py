@@ -50,6 +50,7 @@ class CacheRun:
     evaluations: int = 0
     reused: dict = field(default_factory=dict)  # unit -> evaluations served from the cache
     missed: dict = field(default_factory=dict)  # unit -> reuse steps that ran in full (nothing kept for a chunk)
+    differentiated: int = 0  # evaluations run in full because gradients flow through them
     seconds: dict = field(default_factory=lambda: {"full": [0.0, 0], "reuse": [0.0, 0]})
 
 
@@ -143,8 +144,11 @@ def _decide(run, units, options, x, t):
     chunks = run.chunks = _chunks(run, options, x.shape[0])
     signature = run.signature = _signature(x, chunks)
     reusing = {}
+    differentiating = torch.is_grad_enabled()  # null-text inversion's optimisation: the deep path must answer
+    if differentiating:
+        run.differentiated += 1
     for unit in units:
-        wanted = inside and not plan[unit][step[1]]
+        wanted = inside and not plan[unit][step[1]] and not differentiating
         have = all(run.kept.get((unit, chunk), (None,))[0] == signature for chunk, _ in chunks)
         reusing[unit] = wanted and have
         if wanted:
@@ -171,7 +175,8 @@ def report(run):
     (full_s, full_n), (reuse_s, reuse_n) = run.seconds["full"], run.seconds["reuse"]
     out = {"evaluations": run.evaluations,
            "steps": None if run.segments is None else sum(len(s) - 1 for s in run.segments),
-           "reused": dict(run.reused), "missed": dict(run.missed), "full_evaluations": full_n,
+           "reused": dict(run.reused), "missed": dict(run.missed), "full_for_gradients": run.differentiated,
+           "full_evaluations": full_n,
            "reusing_evaluations": reuse_n}
     if full_n:
         full_mean = full_s / full_n
@@ -213,7 +218,8 @@ def install_deepcache(model, key, branch, plan_for, window, finish=None):
     blocks depth-branch..depth only. Returns the RunScope (state: ``CacheRun``)."""
     depth = unet_depth(model)
     if not 0 <= branch <= depth:
-        raise UnsupportedModel(f"branch {branch} does not exist: this UNet has branches 0 to {depth}")
+        raise UnsupportedModel(f"branch {branch} does not exist: this UNet has branches 0 to {depth}; choose one "
+                               f"of them")
     unit = f"branch {branch}"
     gated = [f"input_blocks.{i}" for i in range(branch + 1, depth + 1)] + ["middle_block"] + \
             [f"output_blocks.{i}" for i in range(depth - branch)]
@@ -245,7 +251,7 @@ def install_deepcache(model, key, branch, plan_for, window, finish=None):
                 transformer_options["transformer_index"] = run.transformer_index
             return h, hsp
         for chunk, rows in chunks:
-            run.kept[(unit, chunk)] = (run.signature, h[rows].detach().clone())  # a constant: no graph kept (null-text)
+            run.kept[(unit, chunk)] = (run.signature, h[rows].detach().clone())  # a constant: no graph kept
         run.transformer_index = transformer_options.get("transformer_index")
         _record(run, chunks, h)
         return h, hsp

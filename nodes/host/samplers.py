@@ -56,3 +56,20 @@ def guided_sampler(loop, title):
         with torch.no_grad():  # as ComfyUI's own samplers run
             return loop(predict, x, sigmas, alpha_function(sampling), noise, report)
     return comfy.samplers.KSAMPLER(sample)
+
+
+def denoising_sampler(loop):
+    """A SAMPLER running ``loop(denoise, x, sigmas, alpha_of, callback)`` on the guider's denoised prediction
+    (whatever guidance and MODEL patches make of it)."""
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        extra_args = extra_args or {}
+        sampling = model.inner_model.model_patcher.get_model_object("model_sampling")
+        ones = x.new_ones([x.shape[0]])
+
+        def report(i, x_, denoised):
+            if callback is not None:
+                callback({"x": x_, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        with torch.no_grad():
+            return loop(lambda x_, sigma: model(x_, sigma * ones, **extra_args), x, sigmas, alpha_function(sampling),
+                        report)
+    return comfy.samplers.KSAMPLER(sample)

@@ -114,6 +114,7 @@ def two_evaluations(model, family, sigmas, outputs):
     import comfy.sample
     import comfy.samplers
 
+    @torch.no_grad()  # as every sampler runs (with gradients the cache runs in full)
     def sampler(k_model, x, sigmas_, extra_args=None, callback=None, disable=None):
         ones = x.new_ones([x.shape[0]])
         outputs.append(k_model(x, sigmas_[0] * ones, **extra_args))
@@ -345,6 +346,35 @@ def test_block_ranges_outside_the_model_are_refused(tiny):
 def test_a_model_it_cannot_serve_is_refused(tiny, node, family, message):
     with pytest.raises(ValueError, match=message):
         node(tiny(family))
+
+
+def test_evaluations_that_carry_gradients_run_in_full(tiny, host):
+    """Null-text inversion differentiates through the model: a reuse step would cut the deep path out of the
+    gradient, so evaluations made with gradients on run in full (and are counted)."""
+    outputs = []
+    model = tiny("sd15")
+    sigmas = model.get_model_object("model_sampling").sigmas[[999, 600]]
+    patched = deepcache(model, interval=2)
+    with torch.enable_grad():
+        two_evaluations_with_gradients(patched, sigmas, outputs)
+    rep = report(host, patched)
+    assert rep["full_for_gradients"] == 2 and rep["reusing_evaluations"] == 0
+
+
+def two_evaluations_with_gradients(model, sigmas, outputs):
+    import comfy.sample
+    import comfy.samplers
+
+    def sampler(k_model, x, sigmas_, extra_args=None, callback=None, disable=None):
+        with torch.enable_grad():
+            ones = x.new_ones([x.shape[0]])
+            for sigma in sigmas_[:2]:
+                outputs.append(k_model(x, sigma * ones, **extra_args))
+        return outputs[-1].detach()
+    latent = torch.zeros(1, 4, 16, 16)
+    comfy.sample.sample_custom(model, comfy.sample.prepare_noise(latent, 0), 3.0, comfy.samplers.KSAMPLER(sampler),
+                               torch.cat([sigmas, sigmas.new_zeros(1)]), tiny_models.conditioning("sd15", seed=1),
+                               tiny_models.conditioning("sd15", seed=2), latent, disable_pbar=True, seed=0)
 
 
 def test_two_deepcaches_on_one_model_are_refused(tiny):

@@ -13,16 +13,17 @@ OVERRIDES = {"TrainFreeResidualCFG": {"mode": "self-negative"},
              "TrainFreeScaleCrafter": {"preset": "generic 4x pixels"}}  # the official tables fit four-level UNets
 
 
-# Patches kept out of the SD1.5-class stack: the DiT block cache acts in the Flux-class chain; DeepCache in the
-# cache chain (on the stack it would also run under null-text inversion, whose gradient a reuse step cuts: open).
-DIT_PATCHES = ("TrainFreeBlockCache", "TrainFreeDeepCache")
+# Patches kept out of the SD1.5-class stack: the DiT block cache acts in the Flux-class chain.
+DIT_PATCHES = ("TrainFreeBlockCache",)
 LOADED_SCHEDULE = "deepcache_sd15_reference_00001.json"  # workflows/input/cache_schedules: 25 steps, branch 0
 LOADED_SCHEDULE_STEPS = 25
 INVERSION_NODES = ("TrainFreeInvert", "TrainFreeNullTextInversion", "TrainFreePromptToPrompt", "TrainFreeSaveInversion",
                    "TrainFreeLoadInversion", "TrainFreeSampleFromInversion", "TrainFreeFlowOpt")
 CACHE_NODES = ("TrainFreeCacheScheduleSearch", "TrainFreeLoadCacheSchedule")
-CHAIN_NODES = INVERSION_NODES + ("TrainFreeFreCaS",) + DIT_PATCHES + CACHE_NODES  # in the chains ``inversion=True`` adds
-CHAIN_IMAGES = ("87", "88", "79", "65", "56", "57")  # the decoded images of those chains
+SAMPLER_NODES = ("TrainFreeCFGPPSampler", "TrainFreeMomentumSampler")
+# the nodes the chains ``inversion=True`` adds hold
+CHAIN_NODES = INVERSION_NODES + ("TrainFreeFreCaS",) + DIT_PATCHES + CACHE_NODES + SAMPLER_NODES
+CHAIN_IMAGES = ("87", "88", "79", "65", "56", "57", "38", "39")  # the decoded images of those chains
 
 
 def patch_nodes(object_info):
@@ -69,6 +70,7 @@ def stack_prompt(object_info, patches=None, width=128, height=128, batch=1, step
         prompt.update(flow_chain(object_info, caption, steps))
         prompt.update(cascade_chain(model, steps))
         prompt.update(cache_chain(object_info, caption, steps))
+        prompt.update(sampler_chain(object_info, model, steps))
     return {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in prompt.items()}
 
 
@@ -186,4 +188,29 @@ def cache_chain(object_info, caption, steps):
         "57": {"class_type": "VAEDecode", "inputs": {"samples": ["48", 0], "vae": ["1", 2]}},
         "58": {"class_type": "SaveImage", "inputs": {"images": ["56", 0], "filename_prefix": "trainfree_searched"}},
         "59": {"class_type": "SaveImage", "inputs": {"images": ["57", 0], "filename_prefix": "trainfree_loaded_cache"}},
+    }
+
+
+def sampler_chain(object_info, model, steps):
+    """The pack's samplers on the stacked model through SamplerCustomAdvanced: CFG++ (its guider's cfg is the
+    paper's lambda) decoded as node "38", the momentum sampler at CFG 5 as "39"."""
+    def sampled(key, sampler_key, guider_key, cfg):
+        return {guider_key: {"class_type": "CFGGuider", "inputs": {"model": model, "positive": ["90", 0],
+                                                                   "negative": ["91", 0], "cfg": cfg}},
+                key: {"class_type": "SamplerCustomAdvanced", "inputs": {
+                    "noise": ["43", 0], "guider": [guider_key, 0], "sampler": [sampler_key, 0],
+                    "sigmas": ["42", 0], "latent_image": ["92", 0]}}}
+    return {
+        "40": {"class_type": "TrainFreeCFGPPSampler", "inputs": patch_inputs(object_info, "TrainFreeCFGPPSampler")},
+        "41": {"class_type": "TrainFreeMomentumSampler",
+               "inputs": patch_inputs(object_info, "TrainFreeMomentumSampler")},
+        "42": {"class_type": "BasicScheduler", "inputs": {"model": model, "scheduler": "normal", "steps": steps,
+                                                          "denoise": 1.0}},
+        "43": {"class_type": "RandomNoise", "inputs": {"noise_seed": 4}},
+        **sampled("45", "40", "44", 0.6),
+        **sampled("47", "41", "46", 5.0),
+        "38": {"class_type": "VAEDecode", "inputs": {"samples": ["45", 0], "vae": ["1", 2]}},
+        "39": {"class_type": "VAEDecode", "inputs": {"samples": ["47", 0], "vae": ["1", 2]}},
+        "36": {"class_type": "SaveImage", "inputs": {"images": ["38", 0], "filename_prefix": "trainfree_cfgpp"}},
+        "37": {"class_type": "SaveImage", "inputs": {"images": ["39", 0], "filename_prefix": "trainfree_momentum"}},
     }

@@ -54,6 +54,9 @@ def _cases(object_info):
            "execution", "schedule")
     yield ("block-cache-range-outside-the-model", "TrainFreeBlockCache", {"first_block": 150}, "execution",
            "first_block")
+    yield ("momentum-dpmpp-order", "TrainFreeMomentumSampler", {"order": 3}, "execution", "order")
+    yield ("cfgpp-eta-on-a-deterministic-solver", "TrainFreeCFGPPSampler", {"solver": "dpmpp_2m", "eta": 0.5},
+           "execution", "eta")
     yield ("p2p-source-text-differs", "TrainFreePromptToPrompt", {"source_text": "a digit"}, "execution",
            "source_text")
 
