@@ -15,7 +15,7 @@ is full when i % N == 0). The cache node's own report (seconds_full / seconds_re
 runs outside the model (the sampler), so it is an upper bound; the target (issue #13) is a speed-up within 10% of
 it, judged on CPU time: this 2-core machine is shared, and CPU time leaves out what other jobs take.
 
-Run from the pack root:  python -m bench.cache_speed [--steps 20] [--repeats 2] [--size 256] [--threads 1]
+Run from the pack root:  python -m bench.cache_speed [--steps 20] [--repeats 3] [--size 256] [--threads 1]
                          [--warmup 6] [--families sd15,flux] [--intervals 3,5]
 Print a saved raw result again:  python -m bench.cache_speed --from-json docs/bench/cache_speed.json
 The raw result goes to --json (default bench/output/cache_speed.json); docs/bench/ keeps the committed one.
@@ -30,7 +30,7 @@ import torch
 from bench.timing import make_sd15, paired_ratio, round_robin, save, setup
 from harness import comfy_host, tiny_models
 
-# Flux's architecture (ComfyUI's Flux class; 0.55 B parameters, 2.2 GB in float32) at a width and depth one CPU
+# Flux's architecture (ComfyUI's Flux class; 0.56 B parameters, 2.3 GB in float32) at a width and depth one CPU
 # thread samples 20 steps of 256 px in about a minute, with Flux.1's 1:2 double to single blocks; Flux.1 itself is
 # hidden 3072, 24 heads, 19 double + 38 single blocks (12 B). Memory is not the limit here (23 GB), time is.
 FLUX = {"hidden_size": 1024, "num_heads": 8, "axes_dim": [16, 56, 56], "mlp_ratio": 4.0, "depth": 8,
