@@ -63,34 +63,43 @@ class RowCounter:
         return executor(x, *args, **kwargs)
 
 
-def round_robin(models, steps, repeats, size=256, cfg=5.0):
+def round_robin(models, steps, repeats, size=256, cfg=5.0, inputs=None, warmup_steps=None, after_run=None):
     """``{name: (median seconds per step, rows of the last run)}`` for MODEL patchers sampled side by side, then the
     wall-clock and the CPU seconds per step of every run by name (CPU time leaves out what a shared virtual machine
-    steals from the process; on this project's machines both have shown the same spread)."""
+    steals from the process; on this project's machines both have shown the same spread).
+
+    ``inputs`` = (positive, negative, latent) (default: SD1.5's, random 77 x 768 prompts and a 4-channel latent of
+    ``size``). One warm-up run of each model first, of ``warmup_steps`` steps (default ``steps``; 0 = none).
+    ``after_run(name, timed)`` is called after every run (timed False for the warm-up)."""
     import comfy.sample
-    g = torch.Generator().manual_seed(0)
-    pos = [[torch.randn(1, 77, 768, generator=g), {}]]
-    neg = [[torch.randn(1, 77, 768, generator=g), {}]]
-    latent = torch.zeros(1, 4, size // 8, size // 8)
+    if inputs is None:
+        g = torch.Generator().manual_seed(0)
+        inputs = ([[torch.randn(1, 77, 768, generator=g), {}]], [[torch.randn(1, 77, 768, generator=g), {}]],
+                  torch.zeros(1, 4, size // 8, size // 8))
+    pos, neg, latent = inputs
     noise = comfy.sample.prepare_noise(latent, 0)
     counters = {name: RowCounter(m) for name, m in models.items()}
     times = {name: [] for name in models}
     cpu_times = {name: [] for name in models}
 
-    def run(name):
+    def run(name, count, timed=True):
         counters[name].rows = 0
         start, start_cpu = time.perf_counter(), time.process_time()
-        comfy.sample.sample(models[name], noise, steps, cfg, "euler", "normal", pos, neg, latent, seed=0,
+        comfy.sample.sample(models[name], noise, count, cfg, "euler", "normal", pos, neg, latent, seed=0,
                             disable_pbar=True)
-        return (time.perf_counter() - start) / steps, (time.process_time() - start_cpu) / steps
+        seconds = (time.perf_counter() - start) / count, (time.process_time() - start_cpu) / count
+        if after_run is not None:
+            after_run(name, timed)
+        return seconds
 
+    warmup_steps = steps if warmup_steps is None else warmup_steps
     with torch.inference_mode():
-        for name in models:  # warm-up
-            run(name)
+        for name in models if warmup_steps else ():
+            run(name, warmup_steps, timed=False)
         names = list(models)
         for r in range(repeats):
             for name in names[r % len(names):] + names[:r % len(names)]:  # rotated, so no one always goes first
-                wall, cpu = run(name)
+                wall, cpu = run(name, steps)
                 times[name].append(wall)
                 cpu_times[name].append(cpu)
             print(f"  repeat {r + 1}/{repeats} done", flush=True)
@@ -103,14 +112,16 @@ def paired_ratio(times, name, baseline="cfg"):
     return statistics.median(a / b for a, b in zip(times[name], times[baseline]))
 
 
-def setup(doc, default_steps, selectable=False, extra=()):
-    """The benchmarks' shared start: parse --steps / --repeats / --size / --threads, boot ComfyUI, set the thread
-    count, build the SD1.5 UNet and print the header line. Returns (args, model)."""
+def setup(doc, default_steps, selectable=False, extra=(), threads=None, sd15=True):
+    """The benchmarks' shared start: parse --steps / --repeats / --size / --threads (default ``threads``, None =
+    torch's), boot ComfyUI, set the thread count, print the header line and build the SD1.5 UNet (unless ``sd15``
+    is False). Returns (args, model or None)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--steps", type=int, default=default_steps)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--size", type=int, default=256, help="image size in pixels (latent is size / 8)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=threads,
+                        help=f"torch threads (default: {threads})" if threads else "torch threads (default: torch's)")
     parser.add_argument("--json", default=None, help="write the raw result here (default: bench/output/NAME.json); "
                                                      "README's figures come from the files in docs/bench/")
     if selectable:
@@ -122,9 +133,9 @@ def setup(doc, default_steps, selectable=False, extra=()):
     comfy_host.boot()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"SD1.5 UNet, {args.size}x{args.size}, {args.steps} Euler steps, cfg 5, {torch.get_num_threads()} "
-          f"threads, {args.repeats} repeats", flush=True)
-    return args, make_sd15()
+    print(f"{'SD1.5 UNet, ' if sd15 else ''}{args.size}x{args.size}, {args.steps} Euler steps"
+          f"{', cfg 5' if sd15 else ''}, {torch.get_num_threads()} threads, {args.repeats} repeats", flush=True)
+    return args, make_sd15() if sd15 else None
 
 
 def save(name, args, **results):
