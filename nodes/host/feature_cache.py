@@ -15,6 +15,7 @@ shape runs in full.
 """
 import math
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -51,6 +52,7 @@ class CacheRun:
     reused: dict = field(default_factory=dict)  # unit -> evaluations served from the cache
     missed: dict = field(default_factory=dict)  # unit -> reuse steps that ran in full (nothing kept for a chunk)
     differentiated: int = 0  # evaluations run in full because gradients flow through them
+    gates_missing: int = 0  # reuse steps run in full because the loaded weights carry another clone's patches
     seconds: dict = field(default_factory=lambda: {"full": [0.0, 0], "reuse": [0.0, 0]})
 
 
@@ -85,7 +87,9 @@ def _signature(x, chunks):
     return (x.shape[0] // len(chunks),) + tuple(x.shape[1:]), x.dtype, x.device
 
 
-def _install(model, key, units, plan_for, window, finish, decide_hooks):
+def _install(model, key, units, plan_for, window, finish, enter):
+    """The cache's RunScope and its APPLY_MODEL wrapper. ``enter(run, reusing, args, kwargs)`` -> (reusing, args,
+    kwargs, leave) prepares an evaluation that reuses (``leave()`` runs after it)."""
     def make_run(*_):
         override = scope.trainfree_cache_override
         if override is not None:  # the schedule search runs its candidates through this patch
@@ -100,8 +104,9 @@ def _install(model, key, units, plan_for, window, finish, decide_hooks):
             return executor(x, t, *args, **kwargs)
         options = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
         reusing = _decide(run, units, options, x, t)
-        if any(reusing.values()) and decide_hooks is not None:
-            args, kwargs = decide_hooks(reusing, args, kwargs)
+        leave = None
+        if any(reusing.values()) and enter is not None:
+            reusing, args, kwargs, leave = enter(run, reusing, args, kwargs)
         outer, run.reusing = run.reusing, reusing
         kind = "reuse" if any(reusing.values()) else "full"
         _sync(x)
@@ -110,6 +115,8 @@ def _install(model, key, units, plan_for, window, finish, decide_hooks):
             return executor(x, t, *args, **kwargs)
         finally:
             run.reusing = outer
+            if leave is not None:
+                leave()
             _sync(x)
             run.seconds[kind][0] += time.perf_counter() - start
             run.seconds[kind][1] += 1
@@ -176,6 +183,7 @@ def report(run):
     out = {"evaluations": run.evaluations,
            "steps": None if run.segments is None else sum(len(s) - 1 for s in run.segments),
            "reused": dict(run.reused), "missed": dict(run.missed), "full_for_gradients": run.differentiated,
+           "full_for_missing_gates": run.gates_missing,
            "full_evaluations": full_n,
            "reusing_evaluations": reuse_n}
     if full_n:
@@ -189,16 +197,39 @@ def report(run):
 
 # ---------------------------------------------------------------- UNets: DeepCache
 
-class _GatedBlock(TimestepEmbedSequential):
-    """A UNet block that yields its layers only while the run is not skipping the deep region (ComfyUI's UNet
-    iterates a block's layers itself). Its children are the block's own layers under their own names."""
+_SKIPPING = weakref.WeakKeyDictionary()  # UNet -> the branch whose deep region the running evaluation skips
 
-    def __init__(self, block, skipping):
+
+class _GatedBlock(TimestepEmbedSequential):
+    """A UNet block that yields no layers while the running evaluation skips the deep region it lies in
+    (ComfyUI's UNet iterates a block's layers itself). Its children are the block's own layers under their own
+    names. Every block below the first is gated, whatever the branch: ComfyUI keeps one clone's object patches on
+    shared weights, so the gates in place must serve any DeepCache clone that runs; they read which branch it
+    skips from the UNet's entry in ``_SKIPPING``."""
+
+    def __init__(self, block, net, kind, index):
         super().__init__(OrderedDict(block.named_children()))
-        object.__setattr__(self, "trainfree_skipping", skipping)
+        object.__setattr__(self, "trainfree_place", (weakref.ref(net), kind, index))
 
     def __iter__(self):
-        return iter(()) if self.trainfree_skipping() else super().__iter__()
+        net, kind, index = self.trainfree_place
+        branch = _SKIPPING.get(net())
+        return iter(()) if branch is not None and _skipped(net(), branch, kind, index) else super().__iter__()
+
+
+def _skipped(net, branch, kind, index):
+    depth = len(net.input_blocks) - 1
+    return kind == "middle" or (kind == "input" and index > branch) or (kind == "output" and index < depth - branch)
+
+
+def _gated_paths(net):
+    depth = len(net.input_blocks) - 1
+    return ([("input", i, f"input_blocks.{i}") for i in range(1, depth + 1)] + [("middle", 0, "middle_block")]
+            + [("output", i, f"output_blocks.{i}") for i in range(depth)])
+
+
+def _gates_in_place(net):
+    return all(isinstance(net.get_submodule(path), _GatedBlock) for _, _, path in _gated_paths(net))
 
 
 def unet_depth(model):
@@ -221,23 +252,20 @@ def install_deepcache(model, key, branch, plan_for, window, finish=None):
         raise UnsupportedModel(f"branch {branch} does not exist: this UNet has branches 0 to {depth}; choose one "
                                f"of them")
     unit = f"branch {branch}"
-    gated = [f"input_blocks.{i}" for i in range(branch + 1, depth + 1)] + ["middle_block"] + \
-            [f"output_blocks.{i}" for i in range(depth - branch)]
-    for path in gated:
-        block = model.get_model_object(_ROOT + path)
-        if isinstance(block, _GatedBlock):
-            raise UnsupportedModel("DeepCache is already applied to this model upstream: keep one DeepCache node")
+    net = model.model.diffusion_model
+    if any(isinstance(model.object_patches.get(_ROOT + path), _GatedBlock) for _, _, path in _gated_paths(net)):
+        raise UnsupportedModel("DeepCache is already applied to this model upstream: keep one DeepCache node")
+    for kind, index, path in _gated_paths(net):
+        block = model.get_model_object(_ROOT + path)  # another clone's gate while its patches are on the weights
+        model.add_object_patch(_ROOT + path, _GatedBlock(block, net, kind, index))
 
     def skipping():
         run = scope.state
         return run is not None and bool(run.reusing) and run.reusing.get(unit, False)
 
-    for path in gated:
-        model.add_object_patch(_ROOT + path, _GatedBlock(model.get_model_object(_ROOT + path), skipping))
-
     def empty_deep_input(h, transformer_options):
         if transformer_options.get("block") == ("input", branch) and skipping():
-            return h[:, :0]  # the skipped blocks pass it through: nothing computed, nothing copied
+            return h[:, :0]  # the gated blocks pass it through: nothing computed, nothing copied
         return h
 
     def cache_point(h, hsp, transformer_options):
@@ -256,12 +284,25 @@ def install_deepcache(model, key, branch, plan_for, window, finish=None):
         _record(run, chunks, h)
         return h, hsp
 
-    def drop_skipped_control(reusing, args, kwargs):
-        return _without_deep_control(args, kwargs, branch, depth)
+    def enter(run, reusing, args, kwargs):
+        if not _gates_in_place(net):  # ComfyUI did not put this clone's object patches on the weights
+            run.reused[unit] -= 1
+            run.missed[unit] = run.missed.get(unit, 0) + 1
+            run.gates_missing += 1
+            return {unit: False}, args, kwargs, None
+        outer = _SKIPPING.get(net)
+        _SKIPPING[net] = branch
+
+        def leave():
+            if outer is None:
+                _SKIPPING.pop(net, None)
+            else:
+                _SKIPPING[net] = outer
+        return (reusing, *_without_deep_control(args, kwargs, branch, depth), leave)
 
     model.set_model_input_block_patch_after_skip(empty_deep_input)
     model.set_model_output_block_patch(cache_point)
-    scope = _install(model, key, [unit], plan_for, window, finish, drop_skipped_control)
+    scope = _install(model, key, [unit], plan_for, window, finish, enter)
     return scope
 
 

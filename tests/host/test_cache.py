@@ -455,3 +455,26 @@ def test_composes_with_core_freeu_pag_and_scalecrafter(tiny, order, host):
     rep = report(host, patched)
     assert rep["missed"] == {} and rep["reusing_evaluations"] > 4  # main, PAG's and the weak passes reuse
     assert not torch.equal(out, sample(others(model), "sd15", steps=STEPS))
+
+
+def test_clones_of_one_model_with_other_branches_take_turns(tiny):
+    """ComfyUI keeps one clone's object patches on shared weights: two DeepCache clones of one model (other
+    branches), sampled in turns, each give what they give alone."""
+    model = tiny("sd15")
+    alone = {b: sample(deepcache(tiny_models.make_model("sd15"), interval=2, branch=b), "sd15", steps=STEPS)
+             for b in (0, 2)}
+    first, second = deepcache(model, interval=2, branch=0), deepcache(model, interval=2, branch=2)
+    for patched, branch in ((first, 0), (second, 2), (first, 0), (second, 2)):
+        assert torch.equal(sample(patched, "sd15", steps=STEPS), alone[branch])
+
+
+def test_a_second_model_sharing_the_weights_does_not_break_it(tiny, host):
+    """Two-model guidance with the same weights as the guide loads a second clone during the run; where the
+    gates are then not in place the step runs in full (and is counted) instead of failing."""
+    model = tiny("sd15")
+    from test_guidance import two_model
+    patched = deepcache(two_model(model, model.clone()), interval=2)
+    out = sample(patched, "sd15", steps=STEPS)
+    rep = report(host, patched)
+    assert torch.isfinite(out).all()
+    assert rep["reusing_evaluations"] + rep["full_for_missing_gates"] == STEPS // 2
