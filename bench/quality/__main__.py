@@ -37,6 +37,11 @@ def technique_graph(captions, per_prompt, cfg, steps, seed, patches, sampler="eu
     prompt = {"model": {"class_type": "TrainFreeReferenceModel", "inputs": {"model_file": model_file}}}
     model = ["model", 0]
     for i, (class_type, inputs) in enumerate(patches):
+        inputs = dict(inputs)
+        for name, value in inputs.items():
+            if isinstance(value, dict) and "class_type" in value:  # an input made by a node of its own
+                prompt[f"patch{i}_{name}"] = value
+                inputs[name] = [f"patch{i}_{name}", 0]
         prompt[f"patch{i}"] = {"class_type": class_type, "inputs": {"model": model, **inputs}}
         model = [f"patch{i}", 0]
     prompt["neg"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["model", 1]}}
@@ -157,7 +162,9 @@ def main():
     parser.add_argument("--name", required=True)
     parser.add_argument("--cfg", type=float, default=7.5)
     parser.add_argument("--patch", nargs="+", action="append", default=[], metavar=("NODE", "KEY=VALUE"),
-                        help="a MODEL->MODEL node and its inputs, applied in order (repeatable)")
+                        help="a MODEL->MODEL node and its inputs, applied in order (repeatable); an input "
+                             "whose value is a JSON node ({class_type, inputs}) is that node's first output, e.g. "
+                             "cache_schedule= a TrainFreeLoadCacheSchedule node")
     parser.add_argument("--workflow")
     parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--per-prompt", type=int, default=8)
