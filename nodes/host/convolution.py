@@ -2,6 +2,8 @@
 are replaced by wrappers through ComfyUI's object patches (on the clone only; ComfyUI puts the originals back
 when it unloads it or loads another clone), and an APPLY_MODEL wrapper tells them, per model evaluation, at
 which factor to run."""
+import weakref
+
 import torch
 
 import comfy.ops
@@ -10,6 +12,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock,
 
 from ...guidance_ops import redilation
 from .family import UnsupportedModel
+from .feature_cache import SHARED_WEIGHTS
 from .runs import Wrappers
 
 _ROOT = "diffusion_model."
@@ -64,13 +67,13 @@ def unet_conv_sites(net):
 class RedilatedConv(torch.nn.Module):
     """Stands in a Conv2d's place. It holds the conv's own parameter and buffer dicts and reads and writes every
     other attribute through to the conv, so the model's keys stay the conv's and ComfyUI's weight patches (LoRA),
-    casts and offloading act on it as before. ``factor_of(path)`` gives (factor, dispersed) to run at, None: the
+    casts and offloading act on it as before. The running evaluation says (factor, dispersed) to run at, None: the
     wrapped conv runs unchanged."""
-    _OWN = ("wrapped", "path", "factor_of", "training")
+    _OWN = ("wrapped", "path", "net", "training")
 
-    def __init__(self, wrapped, path, factor_of):
+    def __init__(self, wrapped, path, net):
         super().__init__()
-        for name, value in (("wrapped", wrapped), ("path", path), ("factor_of", factor_of),
+        for name, value in (("wrapped", wrapped), ("path", path), ("net", weakref.ref(net)),
                             ("_parameters", wrapped._parameters), ("_buffers", wrapped._buffers)):
             object.__setattr__(self, name, value)  # the conv is no child module: its keys stay where they were
 
@@ -90,7 +93,7 @@ class RedilatedConv(torch.nn.Module):
         delattr(self.wrapped, name)
 
     def forward(self, x, *args, **kwargs):
-        setting = self.factor_of(self.path)
+        setting = _factor_of(self.net(), self.path)
         if setting is None:
             return self.wrapped(x, *args, **kwargs)
         factor, dispersed = setting
@@ -106,34 +109,52 @@ class RedilatedConv(torch.nn.Module):
         return run(x, conv.weight, conv.bias, factor, conv.stride, conv.groups)
 
 
+# UNet -> the state of the re-dilation run evaluating it. ComfyUI keeps one clone's object patches on shared weights,
+# so the wrappers in place may be another clone's: they read what to do from here, not from the clone that made them.
+_RUNNING = weakref.WeakKeyDictionary()
+
+
+def _factor_of(net, path):
+    """(factor, dispersed) the running evaluation gives the conv at ``path``, or None; counted per path."""
+    state = _RUNNING.get(net)
+    factors = None if state is None else state.factors
+    factor = None if factors is None else factors.get(path)
+    if factor is not None:
+        state.conv_calls[path] = state.conv_calls.get(path, 0) + 1
+    return factor
+
+
 def redilate_convolutions(model, scope, paths, choose):
     """Wrap the convolutions at ``paths`` (relative to the diffusion model) of the clone ``model``; on each model
     evaluation of a run, ``choose(state, sigma, weak)`` gives ``{path: (factor, dispersed)}`` or None (all run
     unchanged; paths left out too),
     ``weak`` being True in the passes ``predict_weak_uncond`` makes. During the evaluation ``state.factors``
     holds that choice; each re-dilated call is counted in ``state.conv_calls[path]``."""
-    def factor_of(path):
-        state = scope.state
-        factors = None if state is None else state.factors
-        factor = None if factors is None else factors.get(path)
-        if factor is not None:
-            state.conv_calls[path] = state.conv_calls.get(path, 0) + 1
-        return factor
-
+    net = model.model.diffusion_model
     for path in paths:
-        model.add_object_patch(_ROOT + path, RedilatedConv(model.get_model_object(_ROOT + path), path, factor_of))
+        conv = model.get_model_object(_ROOT + path)
+        while isinstance(conv, RedilatedConv):  # another clone's wrapper while its patches are on the weights
+            conv = conv.wrapped
+        model.add_object_patch(_ROOT + path, RedilatedConv(conv, path, net))
 
     def apply_model(executor, x, t, *args, **kwargs):
         state = scope.state
         if state is None:
             return executor(x, t, *args, **kwargs)
         options = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
-        outer = state.factors
+        outer, outer_running = state.factors, _RUNNING.get(net)
         state.factors = choose(state, t.max(), bool(options.get(scope.key)))
+        if state.factors and not isinstance(net.get_submodule(next(iter(state.factors))), RedilatedConv):
+            raise UnsupportedModel(SHARED_WEIGHTS.format(title="ScaleCrafter"))
+        _RUNNING[net] = state
         try:
             return executor(x, t, *args, **kwargs)
         finally:
             state.factors = outer
+            if outer_running is None:
+                _RUNNING.pop(net, None)
+            else:
+                _RUNNING[net] = outer_running
     model.add_wrapper_with_key(Wrappers.APPLY_MODEL, scope.key, apply_model)
 
 

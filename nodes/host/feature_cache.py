@@ -28,6 +28,10 @@ from .family import DIT_FAMILIES, UNET_FAMILIES, UnsupportedModel, model_family
 from .runs import RunScope, Wrappers, step_of
 
 _ROOT = "diffusion_model."
+SHARED_WEIGHTS = ("{title} found its module patches taken off the loaded model: another model sharing these weights "
+                  "was loaded alongside it (a guide or second model from the same checkpoint, as two-model guidance "
+                  "may use), and ComfyUI keeps one model's module patches on shared weights. Load that other model "
+                  "from its own loader node.")
 
 
 @dataclass
@@ -52,7 +56,6 @@ class CacheRun:
     reused: dict = field(default_factory=dict)  # unit -> evaluations served from the cache
     missed: dict = field(default_factory=dict)  # unit -> reuse steps that ran in full (nothing kept for a chunk)
     differentiated: int = 0  # evaluations run in full because gradients flow through them
-    gates_missing: int = 0  # reuse steps run in full because the loaded weights carry another clone's patches
     seconds: dict = field(default_factory=lambda: {"full": [0.0, 0], "reuse": [0.0, 0]})
 
 
@@ -183,7 +186,6 @@ def report(run):
     out = {"evaluations": run.evaluations,
            "steps": None if run.segments is None else sum(len(s) - 1 for s in run.segments),
            "reused": dict(run.reused), "missed": dict(run.missed), "full_for_gradients": run.differentiated,
-           "full_for_missing_gates": run.gates_missing,
            "full_evaluations": full_n,
            "reusing_evaluations": reuse_n}
     if full_n:
@@ -285,11 +287,8 @@ def install_deepcache(model, key, branch, plan_for, window, finish=None):
         return h, hsp
 
     def enter(run, reusing, args, kwargs):
-        if not _gates_in_place(net):  # ComfyUI did not put this clone's object patches on the weights
-            run.reused[unit] -= 1
-            run.missed[unit] = run.missed.get(unit, 0) + 1
-            run.gates_missing += 1
-            return {unit: False}, args, kwargs, None
+        if not _gates_in_place(net):
+            raise UnsupportedModel(SHARED_WEIGHTS.format(title="DeepCache"))
         outer = _SKIPPING.get(net)
         _SKIPPING[net] = branch
 

@@ -468,13 +468,22 @@ def test_clones_of_one_model_with_other_branches_take_turns(tiny):
         assert torch.equal(sample(patched, "sd15", steps=STEPS), alone[branch])
 
 
-def test_a_second_model_sharing_the_weights_does_not_break_it(tiny, host):
-    """Two-model guidance with the same weights as the guide loads a second clone during the run; where the
-    gates are then not in place the step runs in full (and is counted) instead of failing."""
-    model = tiny("sd15")
-    from test_guidance import two_model
-    patched = deepcache(two_model(model, model.clone()), interval=2)
-    out = sample(patched, "sd15", steps=STEPS)
-    rep = report(host, patched)
-    assert torch.isfinite(out).all()
-    assert rep["reusing_evaluations"] + rep["full_for_missing_gates"] == STEPS // 2
+def take_patches_off_mid_run(model):
+    """What loading another model that shares the weights does to this one's module patches (ComfyUI keeps one
+    clone's object patches on shared weights): taken off before the second evaluation."""
+    import comfy.patcher_extension as pe
+    seen = []
+
+    def wrapper(executor, x, *args, **kwargs):
+        seen.append(1)
+        if len(seen) == 2:
+            model.unpatch_model()
+        return executor(x, *args, **kwargs)
+    model.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "test_unpatch", wrapper)
+    return model
+
+
+def test_patches_taken_off_by_a_model_sharing_the_weights_stop_it_with_a_clear_error(tiny):
+    patched = deepcache(take_patches_off_mid_run(tiny("sd15").clone()), interval=2)
+    with pytest.raises(ValueError, match="Load that other model from its own loader node"):
+        sample(patched, "sd15", steps=STEPS)

@@ -271,3 +271,12 @@ def test_half_precision_stays_in_its_dtype(dtype, host):
     out = sample(patched, "sd15", steps=3)
     assert torch.isfinite(out).all() and (out - base).abs().max() > 1e-2
     assert set(seen) == {dtype} and report(host, patched)["weak_passes"] > 0
+
+
+def test_patches_taken_off_by_a_model_sharing_the_weights_stop_it_with_a_clear_error(tiny):
+    """ComfyUI keeps one clone's module patches on shared weights: a second model from the same checkpoint loaded
+    alongside takes the wrappers off, and re-dilation would silently not happen."""
+    from test_cache import take_patches_off_mid_run
+    patched = crafter(take_patches_off_mid_run(tiny("sd15").clone()), "generic 4x pixels", percent=1.0)
+    with pytest.raises(ValueError, match="ScaleCrafter found its module patches taken off"):
+        sample(patched, "sd15", steps=STEPS)
