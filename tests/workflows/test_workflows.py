@@ -1,6 +1,8 @@
 """Every example workflow runs through ComfyUI's real execution engine on tiny models of its own family (the server
 tests run each on the reference model), and its technique acts: the sampled latent differs from the same workflow
-with the pack's node bypassed, and equals it exactly where the node has a neutral setting."""
+with the pack's node bypassed, and equals it exactly where the node has a neutral setting. The pack's SAMPLER nodes
+are compared with core samplers in the same graph: the plain solver they modify, and the core sampler they are under
+some settings."""
 import json
 import os
 
@@ -21,7 +23,8 @@ NEUTRAL = {"TrainFreePAG": {"scale": 0.0},
            "TrainFreeScaleCrafter": {"dilate_percent": 0.0},
            # every step in full; a connected schedule (loaded or searched) is disconnected (None: input removed)
            "TrainFreeDeepCache": {"cache_interval": 1, "schedule": "uniform", "cache_schedule": None},
-           "TrainFreeBlockCache": {"cache_interval": 1, "schedule": "uniform", "cache_schedule": None}}
+           "TrainFreeBlockCache": {"cache_interval": 1, "schedule": "uniform", "cache_schedule": None},
+           "TrainFreeAdaptiveGuidance": {"threshold": 1.0}}
 _CollectLatent, _latents = collect.collector("samples", "LATENT", take=lambda samples: samples["samples"])
 
 
@@ -139,12 +142,48 @@ def saved_images(outputs, kind="output"):
 def has_patch(path):
     return any(n["type"] in ("TrainFreePAG", "TrainFreeAPG", "TrainFreeFDG", "TrainFreeGuidanceInterval",
                              "TrainFreeNoiseDampedCFG", "TrainFreeResidualCFG", "TrainFreeTwoModelGuidance",
-                             "TrainFreeScaleCrafter", "TrainFreeDeepCache", "TrainFreeBlockCache")
+                             "TrainFreeScaleCrafter", "TrainFreeDeepCache", "TrainFreeBlockCache",
+                             "TrainFreeAdaptiveGuidance")
                for n in json.load(open(path))["nodes"])
 
 
 def has_cascade(path):
     return any(n["type"] in run_workflows.CASCADE_NODES for n in json.load(open(path))["nodes"])
+
+
+def sampler_nodes(prompt):
+    """Ids of the pack's SAMPLER nodes (solvers for SamplerCustomAdvanced) in an API prompt."""
+    return [key for key, node in prompt.items() if node["class_type"] in SAMPLER_COUNTERPARTS]
+
+
+def has_sampler(path):
+    return any(n["type"] in SAMPLER_COUNTERPARTS for n in json.load(open(path))["nodes"])
+
+
+def cfgpp_counterparts(inputs):
+    """CFG++ against the solver it modifies, with plain CFG at the same scale, and against core's CFG++ samplers
+    (another implementation of the paper, on eps models: the workflows' SD1.5 / SDXL)."""
+    plain = {("ddim (= euler)", 0.0): "euler", ("ddim (= euler)", 1.0): "euler_ancestral",
+             ("dpmpp_2m", 0.0): "dpmpp_2m"}[inputs["solver"], inputs["eta"]]
+    return plain, {}, f"{plain}_cfg_pp"
+
+
+def momentum_counterparts(inputs):
+    """The momentum sampler against its base solver, and without momentum (beta 1) equal to it."""
+    plain = {"dpmpp_2m_hb": "dpmpp_2m"}[inputs["solver"]]
+    return plain, {"beta": 1.0}, plain
+
+
+# node type -> its inputs -> (the core sampler it modifies, settings under which it is a core sampler, that sampler)
+SAMPLER_COUNTERPARTS = {"TrainFreeCFGPPSampler": cfgpp_counterparts,
+                        "TrainFreeMomentumSampler": momentum_counterparts}
+
+
+def with_core_sampler(prompt, key, name):
+    """The prompt with node ``key`` replaced by core's KSamplerSelect choosing ``name``."""
+    prompt = json.loads(json.dumps(prompt))
+    prompt[key] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": name}}
+    return prompt
 
 
 def cascade_output(prompt, tmp_path=None):
@@ -185,7 +224,7 @@ def test_cascade_workflow_runs_and_its_stages_act(engine, path, tmp_path):
     assert (latent - direct).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("path", [p for p in PATHS if not has_patch(p) and not has_cascade(p)],
+@pytest.mark.parametrize("path", [p for p in PATHS if not has_patch(p) and not has_cascade(p) and not has_sampler(p)],
                          ids=os.path.basename)
 def test_inversion_workflow_runs_and_edits_the_image(engine, path, tmp_path):
     """Workflows without a MODEL patch invert a loaded image and edit it: every edit differs from the encoded
@@ -230,3 +269,25 @@ def test_workflow_runs_and_its_technique_acts(engine, path, tmp_path):
             neutralised(prompt, key)
         neutral, _ = sampled(prompt)
         assert torch.equal(neutral, plain), "the neutral setting changes the result"
+
+
+@pytest.mark.parametrize("path", [p for p in PATHS if has_sampler(p)], ids=os.path.basename)
+def test_sampler_workflow_runs_and_its_sampler_acts(engine, path, tmp_path):
+    """The pack's sampler gives another latent than the core solver it modifies, in the same graph (same guider,
+    cfg, sigmas and noise), and under its core-equivalent settings the latent of that core sampler (to float
+    rounding: the two loops order their arithmetic differently)."""
+    prompt = run_workflows.to_test_prompt(path)
+    (key,) = sampler_nodes(prompt)
+    latent, outputs = cascade_output(prompt, tmp_path)
+    images = saved_images(outputs)
+    assert images and all(os.path.getsize(tmp_path / name) > 0 for name in images)
+    assert torch.isfinite(latent).all()
+    node = prompt[key]
+    plain_name, settings, core_name = SAMPLER_COUNTERPARTS[node["class_type"]](node["inputs"])
+    plain, _ = cascade_output(with_core_sampler(prompt, key, plain_name))
+    assert (latent - plain).abs().max() > 1e-3, f"the pack's sampler gives core {plain_name}'s result"
+    equivalent = json.loads(json.dumps(prompt))
+    equivalent[key]["inputs"].update(settings)
+    ours, _ = cascade_output(equivalent)
+    core = plain if core_name == plain_name else cascade_output(with_core_sampler(prompt, key, core_name))[0]
+    torch.testing.assert_close(ours, core, rtol=1e-4, atol=1e-4 * float(core.abs().max()))
