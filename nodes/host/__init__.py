@@ -16,7 +16,8 @@
 - ``gradients``: gradients through the model despite ComfyUI's inference mode (null-text inversion);
 - ``inversion_store``: inversions as files in ComfyUI's folders, and the model fingerprint they carry;
 - ``schedule_store``: cache schedules as files in ComfyUI's folders and the pack's presets;
-- ``files``: what both stores share (listing, lookup by plain name, numbered new names).
+- ``calibration_store``: LinearAG calibrations as files in ComfyUI's folders;
+- ``files``: what the stores share (listing, lookup by plain name, numbered new names).
 
 A new mechanism (an own sampling loop, gradients through the model, caches across steps, a cascade of
 resolutions) gets a module of its own here. Everything goes through ComfyUI's sanctioned hooks; differences
@@ -44,6 +45,11 @@ from .inversion_store import save as save_inversion
 from .inversion_store import saved_names as saved_inversions
 from .sampling_loop import (empty_latent, interrupted, progress_bar, run_loop, sample_latent, sampler_names,
                             scheduler_names, throw_if_interrupted)
+from .calibration_store import SUBFOLDER as CALIBRATION_SUBFOLDER
+from .calibration_store import file_stamp as calibration_file_stamp
+from .calibration_store import load as load_calibration
+from .calibration_store import save as save_calibration
+from .calibration_store import saved_names as saved_calibrations
 from .schedule_store import SUBFOLDER as SCHEDULE_SUBFOLDER
 from .schedule_store import file_stamp as schedule_file_stamp
 from .schedule_store import load as load_schedule
@@ -53,7 +59,8 @@ from .family import (DIT_FAMILIES, FAMILY_NAMES, UNET_FAMILIES, UnsupportedModel
                      latent_channels, model_family, model_sampling, percent_to_sigma, prediction_space, require_family,
                      require_same_family, same_family, sigma_to_timestep)
 from .samplers import alpha_function, denoising_sampler, guided_sampler
-from .runs import CLONE_DEEP_COPIES_OBJECTS, RunScope, Wrappers, check_latent, guard_latent, new_key, run_reports
+from .runs import (CLONE_DEEP_COPIES_OBJECTS, RunScope, Wrappers, check_latent, guard_latent, new_key, run_reports,
+                   step_of)
 
 
 def probes():
