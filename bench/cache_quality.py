@@ -1,10 +1,13 @@
 """Caching (issue 13) on the reference models: drift and adherence against speed-up.
 
     python -m bench.cache_quality --write-docs                 # both models (about 15 minutes each on a 2-core CPU)
-    python -m bench.cache_quality --models sd15 --out docs/bench/cache_quality_sd15.json --grid-dir docs/quality
+    python -m bench.cache_quality --models sd15 --out-dir docs/bench --grid-dir docs/quality
+    python -m bench.cache_quality --models flux --flux-blocks 0 -1 --out-dir docs/bench   # the whole stack cached
 
-Per model (SD1.5-class: TrainFreeDeepCache, branch 0; Flux-class: TrainFreeBlockCache, blocks 1..last), through
-ComfyUI's engine with ``bench.quality``'s rows (10 prompts x --per-prompt seeds, 20 Euler steps, 128 px):
+Per model (SD1.5-class: TrainFreeDeepCache, branch 0; Flux-class: TrainFreeBlockCache, blocks 1..last, or the range
+``--flux-blocks FIRST LAST`` names: another range is its own run, ``flux_blocks<FIRST>[-<LAST>]`` in file names and
+docs markers), through ComfyUI's engine with ``bench.quality``'s rows (10 prompts x --per-prompt seeds, 20 Euler
+steps, 128 px):
 
 - ``uncached``: the reference every other row's PSNR / SSIM is measured against (same prompts and seeds);
 - ``uniform_N`` / ``non_uniform_N`` for N in INTERVALS (the nodes' own schedules);
@@ -21,6 +24,9 @@ saved share of reusing every unit is measured once per model (``cost_share``: me
 uniform 1:2 of 1 - seconds of a reusing evaluation / seconds of a full one, the nodes' own report); for the
 Flux block cache it is split between its two units by parameters (the search's cost axis). Counts come from
 the schedule actually used and are checked against the nodes' logs.
+
+The searches save their schedules into a temporary ComfyUI output folder, removed at the end; the ones at
+PRESET_INTERVAL's cost are copied to the pack's cache_schedules/ as presets.
 """
 import argparse
 import json
@@ -30,6 +36,7 @@ import re
 import shutil
 import statistics
 import sys
+import tempfile
 
 import torch
 
@@ -49,10 +56,21 @@ MODELS = {
     "flux": {"scheduler": "simple", "node": "TrainFreeBlockCache", "settings": {"first_block": 1, "last_block": -1},
              "preset": "trainfree_digits_flux_blockcache_1-5_20steps"},
 }
+FLUX_BLOCKS = 6  # the Flux-class reference model's blocks (double then single): names the preset's range
+TAGS = {model: model for model in MODELS}  # a model's run in file names, row names and docs markers
 CORE = {"easycache": "EasyCache", "lazycache": "LazyCache"}
 PRESET_INTERVAL = 3  # the searched schedules shipped in cache_schedules/: those at uniform 1:3's cost
 HarnessKeepModel, _kept = collect.collector("model", "MODEL", take=lambda m: _models.append(m) or torch.zeros(()))
 _models = []
+
+
+def use_flux_blocks(first, last):
+    """Cache blocks first..last (the node's counting, -1 = the last) in the Flux rows; their tag in file names."""
+    if (first, last) == (1, -1):
+        return
+    MODELS["flux"] = {**MODELS["flux"], "settings": {"first_block": first, "last_block": last},
+                      "preset": f"trainfree_digits_flux_blockcache_{first}-{last % FLUX_BLOCKS}_20steps"}
+    TAGS["flux"] = f"flux_blocks{first}" + ("" if last == -1 else f"-{last}")
 
 
 def calibration_captions():
@@ -155,8 +173,9 @@ def schedule_cost(pattern_by_unit, saved_by_unit):
 def run_row(model, name, patches, args, against="uncached"):
     s = MODELS[model]
     row, records = logged(lambda: quality.run(
-        f"{model}_{name}", CFG, patches, prompts=args.prompts, per_prompt=args.per_prompt, steps=STEPS, seed=0,
-        against=None if against is None else f"{model}_{against}", out=OUT, scheduler=s["scheduler"], model=model))
+        f"{TAGS[model]}_{name}", CFG, patches, prompts=args.prompts, per_prompt=args.per_prompt, steps=STEPS,
+        seed=0, against=None if against is None else f"{TAGS[model]}_{against}", out=OUT, scheduler=s["scheduler"],
+        model=model))
     return row, records
 
 
@@ -172,7 +191,7 @@ def search(model, method, budget):
                   "negative_prompt": "", "seed": CALIBRATION_SEED, "steps": STEPS, "cfg": CFG,
                   "sampler_name": "euler", "scheduler": s["scheduler"], "width": digits.SIZE,
                   "height": digits.SIZE, "method": method, "budget": budget, "population": POPULATION,
-                  "generations": GENERATIONS, "filename_prefix": f"cache_quality_{model}"}}}
+                  "generations": GENERATIONS, "filename_prefix": f"cache_quality_{TAGS[model]}"}}}
     (summary,) = comfy_host.execute_prompt(prompt)["search"]["text"]
     name = re.search(r"saved as (\S+\.json)", summary).group(1)
     return name, summary
@@ -204,6 +223,11 @@ def tune(model, kind, target, iterations=7):
     return round(min(tried, key=lambda t: (abs(t[1] - target), t[0]))[0], 4), tried
 
 
+def folder_paths():
+    import folder_paths
+    return folder_paths
+
+
 def ops():
     return comfy_host.pack_module("guidance_ops.cache_schedule")
 
@@ -214,7 +238,7 @@ def run_model(model, args):
     units = list(shares)
     saved_all, saved_runs = cost_share(model, args.per_prompt)
     saved = {u: saved_all * p / sum(shares.values()) for u, p in shares.items()}
-    print(f"{model}: units {shares}; a reusing evaluation saves {saved_all:.3f} of a full one "
+    print(f"{TAGS[model]}: units {shares}; a reusing evaluation saves {saved_all:.3f} of a full one "
           f"(runs: {', '.join(f'{v:.3f}' for v in saved_runs)})", flush=True)
     rows, speed_of = [], {}
 
@@ -261,8 +285,7 @@ def run_model(model, args):
             schedule = pack_host().load_schedule(name)
             if n == PRESET_INTERVAL:
                 os.makedirs(PRESETS, exist_ok=True)
-                import folder_paths
-                shutil.copyfile(os.path.join(folder_paths.get_output_directory(), "cache_schedules", name),
+                shutil.copyfile(os.path.join(folder_paths().get_output_directory(), "cache_schedules", name),
                                 os.path.join(PRESETS, f"{s['preset']}_{tag}.json"))
             loader = {"class_type": "TrainFreeLoadCacheSchedule", "inputs": {"schedule_file": name}}
             add(f"{tag}_{n}", tag, n, [cache_patch(model, schedule="from schedule input", cache_schedule=loader)],
@@ -273,7 +296,7 @@ def run_model(model, args):
             threshold, tried = tune(model, kind, speed_of[n])
             add(f"{kind}_{n}", kind, n, [core_patch(kind, threshold)], core=kind, reuse_threshold=threshold,
                 calibration_speedups=tried)
-    return {"model": model, "model_file": quality.MODELS[model], "cache_node": s["node"],
+    return {"model": model, "tag": TAGS[model], "model_file": quality.MODELS[model], "cache_node": s["node"],
             "cache_settings": s["settings"], "units_parameter_share": shares, "saved_share_all_units": saved_all,
             "saved_share_runs": saved_runs, "saved_share_by_unit": saved, "cfg": CFG, "steps": STEPS,
             "scheduler": s["scheduler"], "sampler": "euler", "prompts": args.prompts, "per_prompt": args.per_prompt,
@@ -294,7 +317,7 @@ GRID_ROWS = ("uncached", "uniform", "non_uniform", "dp", "ecad", "easycache", "l
 
 
 def save_grids(result, grid_dir, prompts, per_prompt):
-    model, names = result["model"], []
+    model, names = result.get("tag", result["model"]), []
     for n in [n for n in (3, 5) if any(r.get("interval") == n for r in result["rows"])]:
         ran = {r["row"] for r in result["rows"] if "skipped" not in r}
         rows = [g if g == "uncached" else f"{g}_{n}" for g in GRID_ROWS]
@@ -348,7 +371,7 @@ def markers(model):
 
 
 def write_docs(result, path=DOCS):
-    begin, end = markers(result["model"])
+    begin, end = markers(result.get("tag", result["model"]))
     with open(path) as f:
         text = f.read()
     if begin not in text or end not in text:
@@ -377,16 +400,30 @@ def main():
                         help="the uniform schedules' N (each sets a cost the other rows are matched to)")
     parser.add_argument("--out-dir", default=OUT, help="raw JSON: <out-dir>/cache_quality_<model>.json")
     parser.add_argument("--grid-dir", help="folder for the grids (default: --out-dir)")
+    parser.add_argument("--flux-blocks", nargs=2, type=int, default=[1, -1], metavar=("FIRST", "LAST"),
+                        help="the Flux rows' TrainFreeBlockCache first_block / last_block (-1: the last block); a "
+                             "range other than 1 -1 writes cache_quality_flux_blocks<FIRST>[-<LAST>].json and its "
+                             "own docs block")
     parser.add_argument("--write-docs", action="store_true", help="rewrite the models' generated blocks of "
                                                                   "docs/quality.md")
     args = parser.parse_args()
+    use_flux_blocks(*args.flux_blocks)
     boot()
     torch.set_num_threads(1)
+    searches = tempfile.mkdtemp(prefix="cache_quality_")  # the searches' saved schedules, not the host's output
+    folder_paths().set_output_directory(searches)
+    try:
+        run_models(args)
+    finally:
+        shutil.rmtree(searches, ignore_errors=True)
+
+
+def run_models(args):
     for model in args.models:
         result = {"command": " ".join(["python -m bench.cache_quality"] + sys.argv[1:]), **run_model(model, args)}
         result["grids"] = save_grids(result, args.grid_dir or args.out_dir, args.prompts, args.per_prompt)
         os.makedirs(args.out_dir, exist_ok=True)
-        with open(os.path.join(args.out_dir, f"cache_quality_{model}.json"), "w") as f:
+        with open(os.path.join(args.out_dir, f"cache_quality_{TAGS[model]}.json"), "w") as f:
             json.dump(result, f, indent=1)
         print(block(result), flush=True)
         if args.write_docs:
