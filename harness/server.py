@@ -179,11 +179,14 @@ class ComfyServer:
             raise ServerError(f"prompt rejected (HTTP {status}): {json.dumps(answer)[:2000]}")
         return self.wait(answer["prompt_id"], timeout)
 
-    def images(self, entry):
-        """The bytes of every image a finished prompt saved, fetched through /view."""
+    def images(self, entry, kinds=("output", "temp")):
+        """The bytes of every image a finished prompt saved (``kinds``: "output" for SaveImage, "temp" for
+        previews), fetched through /view."""
         found = []
         for output in entry.get("outputs", {}).values():
             for image in output.get("images", []):
+                if image.get("type") not in kinds:
+                    continue
                 query = urllib.parse.urlencode({k: image[k] for k in ("filename", "subfolder", "type")})
                 status, body = self.request("GET", f"/view?{query}")
                 if status != 200:

@@ -10,6 +10,9 @@ from .base import ModelPatchNode, check_numbers, model_input
 
 log = logging.getLogger("trainfree")
 
+CALIBRATION_TYPE = "TRAINFREE_LINEAR_AG"
+FROM_INPUT = "(from the calibration input)"
+
 
 class TrainFreeLinearAGCalibrate:
     CATEGORY = "trainfree/guidance"
@@ -18,8 +21,8 @@ class TrainFreeLinearAGCalibrate:
                    "(every other one) D_u ~ b0 D_c + b1 D_c(prev) + g1 D_u(prev) by least squares. Saves them to "
                    f"output/{host.CALIBRATION_SUBFOLDER}/ for the LinearAG patch; the fit holds for these steps, "
                    "sampler, scheduler, CFG and negative prompt.")
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("summary",)
+    RETURN_TYPES = (CALIBRATION_TYPE, "STRING")
+    RETURN_NAMES = ("calibration", "summary")
     FUNCTION = "calibrate"
     OUTPUT_NODE = True
 
@@ -90,7 +93,7 @@ class TrainFreeLinearAGCalibrate:
                    f"relative error of the regressed unconditional prediction {min(errors.values()):.2e} to "
                    f"{max(errors.values()):.2e}; saved as {name}")
         log.info("TrainFree %s", summary)
-        return {"ui": {"text": [summary]}, "result": (summary,)}
+        return {"ui": {"text": [summary]}, "result": ((steps, coefficients, meta, name), summary)}
 
 
 class TrainFreeLinearAG(ModelPatchNode):
@@ -103,17 +106,29 @@ class TrainFreeLinearAG(ModelPatchNode):
     def INPUT_TYPES(cls):
         return {"required": {
             "model": model_input(),
-            "calibration_file": (host.saved_calibrations() or ["(none saved yet)"], {
+            "calibration_file": ([FROM_INPUT] + host.saved_calibrations(), {
                 "tooltip": "A calibration made by LinearAG Calibrate for this model, step count, sampler, CFG and "
-                           "negative prompt (output/ or input/" + host.CALIBRATION_SUBFOLDER + ")."}),
-        }}
+                           "negative prompt (output/ or input/" + host.CALIBRATION_SUBFOLDER + "), or the one "
+                           "connected to the calibration input."}),
+        }, "optional": {"calibration": (CALIBRATION_TYPE, {"tooltip": "A calibration straight from LinearAG "
+                                                                      "Calibrate; set calibration_file to "
+                                                                      f"'{FROM_INPUT}'."})}}
 
     @classmethod
     def IS_CHANGED(cls, calibration_file, **_):
-        return host.calibration_file_stamp(calibration_file)
+        return "" if calibration_file == FROM_INPUT else host.calibration_file_stamp(calibration_file)
 
-    def patch(self, model, calibration_file):
-        steps, coefficients, meta = host.load_calibration(calibration_file)
+    def patch(self, model, calibration_file, calibration=None):
+        if calibration_file == FROM_INPUT:
+            if calibration is None:
+                raise ValueError(f"calibration_file is '{FROM_INPUT}' but nothing is connected to the calibration "
+                                 f"input: connect LinearAG Calibrate, or choose a saved calibration file")
+            steps, coefficients, meta, calibration_file = calibration
+        elif calibration is not None:
+            raise ValueError(f"a calibration is connected but calibration_file names {calibration_file}, which would "
+                             f"leave it unused: set calibration_file to '{FROM_INPUT}' or disconnect it")
+        else:
+            steps, coefficients, meta = host.load_calibration(calibration_file)
         m = model.clone()
 
         def choose(run, sigma, x, model_options, sampler_cfg):

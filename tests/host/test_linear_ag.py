@@ -50,7 +50,7 @@ def run(model, clip, steps=STEPS, seed=11, prompt="a green two"):
 
 def test_every_other_step_regresses_the_unconditional_pass_and_stays_near_cfg(tiny, clip, folders):
     model = tiny("sd15")
-    summary = calibrate(model, clip)["result"][0]
+    summary = calibrate(model, clip)["result"][1]
     assert "tiny_00001.json" in summary and (folders / "output" / "linear_ag" / "tiny_00001.json").is_file()
     patched = run_node("TrainFreeLinearAG", model=model, calibration_file="tiny_00001.json")[0]
     out, rows = run(patched, clip)
@@ -88,3 +88,16 @@ def test_a_malformed_calibration_file_is_refused_naming_the_file(tiny, folders, 
 def test_calibrating_at_cfg_one_is_refused(tiny, clip, folders):
     with pytest.raises(ValueError, match="cfg is 1"):
         calibrate(tiny("sd15"), clip, cfg=1.0)
+
+
+def test_the_calibration_output_feeds_the_patch_directly(tiny, clip, folders):
+    model = tiny("sd15")
+    calibration = calibrate(model, clip)["result"][0]
+    direct = run_node("TrainFreeLinearAG", model=model, calibration_file="(from the calibration input)",
+                      calibration=calibration)[0]
+    saved = run_node("TrainFreeLinearAG", model=model, calibration_file="tiny_00001.json")[0]
+    assert torch.equal(run(direct, clip)[0], run(saved, clip)[0])
+    with pytest.raises(ValueError, match="nothing is connected"):
+        run_node("TrainFreeLinearAG", model=model, calibration_file="(from the calibration input)")
+    with pytest.raises(ValueError, match="would leave it unused"):
+        run_node("TrainFreeLinearAG", model=model, calibration_file="tiny_00001.json", calibration=calibration)
