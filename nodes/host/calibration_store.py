@@ -8,16 +8,8 @@ saved_names, file_stamp = _STORE.names, _STORE.stamp
 
 
 def load(name):
-    with open(_STORE.path(name), encoding="utf-8") as handle:
-        text = handle.read()
-    try:
-        return linear_ag.load(text)
-    except linear_ag.CalibrationError as error:
-        raise linear_ag.CalibrationError(f"{name}: {error}") from None
+    return _STORE.read(name, linear_ag.load, linear_ag.CalibrationError)
 
 
 def save(text, prefix):
-    name, path = _STORE.new_path(prefix)
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    return name
+    return _STORE.write(text, prefix)

@@ -48,3 +48,19 @@ class FileStore:
             number += 1
         name = f"{prefix}_{number:05d}{self.suffix}"
         return name, os.path.join(folder, name)
+
+    def read(self, name, parse, error):
+        """``parse(text)`` of the listed file ``name``; an ``error`` it raises is raised again naming the file."""
+        with open(self.path(name), encoding="utf-8") as handle:
+            text = handle.read()
+        try:
+            return parse(text)
+        except error as e:
+            raise error(f"{name}: {e}") from None
+
+    def write(self, text, prefix):
+        """``text`` saved as ``<prefix>_NNNNN<suffix>`` in output/<subfolder>; returns the file name."""
+        name, path = self.new_path(prefix)
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        return name

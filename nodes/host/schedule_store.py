@@ -13,17 +13,9 @@ saved_names, file_stamp = _STORE.names, _STORE.stamp
 
 
 def load(name):
-    with open(_STORE.path(name), encoding="utf-8") as handle:
-        text = handle.read()
-    try:
-        return schedules.load_schedule(text)
-    except schedules.ScheduleError as error:
-        raise schedules.ScheduleError(f"{name}: {error}") from None
+    return _STORE.read(name, schedules.load_schedule, schedules.ScheduleError)
 
 
 def save(schedule, prefix):
     """Write to ComfyUI's output/cache_schedules as ``<prefix>_NNNNN.json``; returns the file name."""
-    name, path = _STORE.new_path(prefix)
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(schedules.dump_schedule(schedule))
-    return name
+    return _STORE.write(schedules.dump_schedule(schedule), prefix)

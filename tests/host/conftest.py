@@ -34,6 +34,21 @@ def tiny(pack):
     return get
 
 
+@pytest.fixture
+def folders(pack, tmp_path, monkeypatch):
+    """ComfyUI's output and input folders in the test's own temporary folder."""
+    import folder_paths
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path / "output"))
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path / "input"))
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def clip(pack):
+    """The tiny SD1.5 text encoder."""
+    return tiny_models.make_clip()
+
+
 def run_node(class_type, **inputs):
     """Execute one node's function the way the engine does (V1 or V3 class) and return its outputs."""
     import nodes

@@ -3,7 +3,6 @@ reuses is the uncached result bit for bit; a reuse step equals the full network 
 what the last full step computed; on reuse steps only the shallow branch / the kept blocks run; every chunk (cond,
 uncond, PAG's perturbed pass) keeps its own features; state does not outlive a run; bad schedules and models get
 clear errors."""
-import math
 
 import pytest
 import torch

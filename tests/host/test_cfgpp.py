@@ -85,7 +85,6 @@ def test_dpmpp_2m_on_flow_models_is_the_papers_solver_and_differs_from_core(tiny
 
 def test_one_step_is_the_papers_ddim_cfgpp_step(tiny):
     """The paper's DDIM CFG++ in its own (variance-preserving, eps) terms, on the predictions the sampler saw."""
-    import comfy.samplers
     model = tiny("sd15")
     seen = []
 

@@ -6,22 +6,8 @@ import pytest
 import torch
 
 from conftest import run_node
-from harness import tiny_models
 
 STEPS = 8
-
-
-@pytest.fixture
-def folders(pack, tmp_path, monkeypatch):
-    import folder_paths
-    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path / "output"))
-    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path / "input"))
-    return tmp_path
-
-
-@pytest.fixture(scope="module")
-def clip(pack):
-    return tiny_models.make_clip()
 
 
 def calibrate(model, clip, steps=STEPS, cfg=5.0):

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from conftest import run_node
-from harness import tiny_models
 from test_cfgpp import close, core, dpm_solver_pp_2m, run
 
 AB = {1: [1.0], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
