@@ -240,7 +240,15 @@ def format_row(r):
 def grid(bench, names, path):
     images = [bench.images(n)[::bench.per_prompt] for n in names]
     highres_quality.save_grid(torch.cat(images), len(bench.captions), path)
+    half(path)
     return os.path.basename(path)
+
+
+def half(path):
+    """Grids at 64 px a cell (128-colour PNG), small enough for the docs."""
+    from PIL import Image
+    image = Image.open(path).convert("RGB")
+    image.resize((image.width // 2, image.height // 2), Image.LANCZOS).quantize(128).save(path, optimize=True)
 
 
 def run_model(model, args):
