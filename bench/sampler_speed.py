@@ -1,7 +1,7 @@
 """Wall-clock and CPU-time ratio of Adaptive Guidance and LinearAG against CFG at the same steps (issue 14), on
 the full-size SD1.5 UNet (random weights, CPU, float32), timed round-robin in one process (bench.timing).
 
-    python -m bench.sampler_speed --steps 8 --repeats 2 --threads 1 --json docs/bench/sampler_speed.json
+    python -m bench.sampler_speed --steps 6 --repeats 2 --threads 1 --json docs/bench/sampler_speed.json
 
 Configurations: cfg (Euler, normal scheduler, cfg 5, cond and uncond batched); ag (TrainFreeAdaptiveGuidance at
 the paper's 0.991: the random model's conditional and guided predictions do align as sigma falls, so it stops
@@ -58,7 +58,8 @@ def configurations(base, negative, steps, size):
 def main():
     args, base = setup(__doc__, default_steps=8, threads=1, extra=[
         ("--calibration-size", int, 64, "image size of LinearAG's two calibration runs"),
-        ("--warmup", int, 2, "steps of each configuration's warm-up run (0: none)")])
+        ("--no-warmup", int, 0, "1: no warm-up run (default: one untimed run of --steps steps per configuration; "
+                                "a shorter one would not do, LinearAG's calibration holds for --steps only)")])
     import folder_paths
     run_reports = comfy_host.pack_module("nodes.host").run_reports
     g = torch.Generator().manual_seed(0)  # round_robin's own default inputs, made here to share the negative
@@ -76,7 +77,7 @@ def main():
         if timed:
             reports[name].append({k: r for k, r in run_reports(models[name]).items()})
     result, times, cpu_times = round_robin(models, args.steps, args.repeats, args.size, inputs=(pos, neg, latent),
-                                           warmup_steps=args.warmup, after_run=keep_report)
+                                           warmup_steps=0 if args.no_warmup else args.steps, after_run=keep_report)
     ratios = {name: paired_ratio(times, name) for name in result}
     cpu_ratios = {name: paired_ratio(cpu_times, name) for name in result}
     base_rows = result["cfg"][1]
