@@ -30,6 +30,7 @@ EDIT_NODES = ("TrainFreeSampleFromInversion", "TrainFreePromptToPrompt", "TrainF
 CASCADE_NODES = ("TrainFreeFreCaS",)  # plan a cascade for SamplerCustomAdvanced: sizes and stage steps are capped
 SCALECRAFTER = "TrainFreeScaleCrafter"
 SEARCH_NODES = ("TrainFreeCacheScheduleSearch",)  # sample like the workflow's KSampler: size and steps follow it
+CALIBRATION_NODES = ("TrainFreeLinearAGCalibrate",)  # likewise: a calibration holds for one step count
 SCHEDULE_LOADERS = ("TrainFreeLoadCacheSchedule",)  # a loaded schedule is for its step count: steps stay as saved
 
 
@@ -141,6 +142,8 @@ def to_test_prompt(path, max_size=128, max_steps=4):
             node["inputs"]["steps"] = min(node["inputs"]["steps"], max_steps)
     for node in _each(prompt, SEARCH_NODES):
         node["inputs"].update(capped_search(node["inputs"], max_size, max_steps))
+    for node in _each(prompt, CALIBRATION_NODES):
+        node["inputs"].update(capped_calibration(node["inputs"], max_size, None if steps_fixed else max_steps))
     for node in _each(prompt, ("TrainFreeFlowOpt",)):  # it regenerates at most the schedule's steps
         node["inputs"]["n_max"] = min(node["inputs"]["n_max"], max_steps)
     for node in _each(prompt, CASCADE_NODES):
@@ -168,6 +171,15 @@ def capped_search(inputs, size, steps):
             "calibration_prompts": inputs["calibration_prompts"].strip().splitlines()[0]}
 
 
+def capped_calibration(inputs, size, steps):
+    """A LinearAG calibration cut down to its first prompt and at most two runs, at the capped size and steps
+    (``steps`` None: as written), which its workflow's KSampler also gets."""
+    capped = {"width": min(inputs["width"], size), "height": min(inputs["height"], size),
+              "runs_per_prompt": min(inputs["runs_per_prompt"], 2),
+              "calibration_prompts": inputs["calibration_prompts"].strip().splitlines()[0]}
+    return capped if steps is None else {**capped, "steps": min(inputs["steps"], steps)}
+
+
 DIGIT_CAPTION = "a red digit seven on a dark background"
 
 
@@ -193,7 +205,8 @@ def reference_workflow(workflow, steps=6, batch=1, caption=DIGIT_CAPTION, seed=N
     CFG scale is set to ``FLUX_REFERENCE_CFG``; FluxGuidance stays (the model ignores it), and so it does on SD1.5.
     A CFGGuider's prompts are set like KSampler's; a FreCaS cascade goes from the reference size to twice its side
     with its stage steps scaled to about ``steps``. A cache schedule search calibrates on ``caption`` at the
-    sampler's steps, size and cfg, with at most 4 schedules per generation and one generation; where a workflow
+    sampler's steps, size and cfg, with at most 4 schedules per generation and one generation, and a LinearAG
+    calibration on ``caption`` at the sampler's steps, size and cfg; where a workflow
     loads a saved cache schedule, made for one step count, the sampler keeps its steps. The browser tests load this; ``to_reference_prompt`` converts it."""
     workflow = json.loads(json.dumps(workflow))
     family = reference_family(workflow)
@@ -247,6 +260,12 @@ def reference_workflow(workflow, steps=6, batch=1, caption=DIGIT_CAPTION, seed=N
             values[5] = FLUX_REFERENCE_CFG if family == "flux" else values[5]
             values[8:10] = [REFERENCE_SIZE, REFERENCE_SIZE]
             values[12:14] = [min(values[12], 4), min(values[13], 1)]
+        elif kind in CALIBRATION_NODES:  # calibration prompts, negative, runs per prompt, seed, its control entry,
+            values = node["widgets_values"]  # steps, cfg, sampler, scheduler, width, height, filename prefix
+            values[:2] = [caption, ""]  # calibrated like the search: the sampler's caption, steps, size and cfg
+            values[5] = values[5] if steps_fixed else steps
+            values[6] = FLUX_REFERENCE_CFG if family == "flux" else values[6]
+            values[9:11] = [size, size]
     for link in workflow["links"]:
         if link[1] in moved:
             link[2] = moved[link[1]][link[2]]

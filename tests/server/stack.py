@@ -1,7 +1,8 @@
 """An API prompt that stacks every patch of the pack on the reference model, for the server tests; optionally
 followed by every inversion node (inversion, null-text, prompt-to-prompt, save / load, sampling, FlowOpt on the
 Flux-class model, whose sampler runs through the DiT block cache), a FreCaS cascade on the stacked model, and the
-cache schedule nodes (a schedule searched, and one loaded, each sampled through DeepCache).
+cache schedule nodes (a schedule searched, and one loaded, each sampled through DeepCache), the pack's samplers and
+LinearAG (calibrated, then sampled with the calibration).
 
 The patches and their settings come from the server's /object_info (defaults), so a new MODEL -> MODEL node joins
 the stack, and the bad-input table, by itself. A second model input (guide, weak model) gets a second copy of the
@@ -15,22 +16,25 @@ OVERRIDES = {"TrainFreeResidualCFG": {"mode": "self-negative"},
 
 # Patches kept out of the SD1.5-class stack: the DiT block cache acts in the Flux-class chain.
 DIT_PATCHES = ("TrainFreeBlockCache",)
+# Patches that need a calibration made for the run's step count: they act in a chain of their own.
+CALIBRATED_PATCHES = ("TrainFreeLinearAG",)
 LOADED_SCHEDULE = "deepcache_sd15_reference_00001.json"  # workflows/input/cache_schedules: 25 steps, branch 0
 LOADED_SCHEDULE_STEPS = 25
 INVERSION_NODES = ("TrainFreeInvert", "TrainFreeNullTextInversion", "TrainFreePromptToPrompt", "TrainFreeSaveInversion",
                    "TrainFreeLoadInversion", "TrainFreeSampleFromInversion", "TrainFreeFlowOpt")
 CACHE_NODES = ("TrainFreeCacheScheduleSearch", "TrainFreeLoadCacheSchedule")
 SAMPLER_NODES = ("TrainFreeCFGPPSampler", "TrainFreeMomentumSampler")
+LINEAR_AG_NODES = ("TrainFreeLinearAGCalibrate",) + CALIBRATED_PATCHES
 # the nodes the chains ``inversion=True`` adds hold
-CHAIN_NODES = INVERSION_NODES + ("TrainFreeFreCaS",) + DIT_PATCHES + CACHE_NODES + SAMPLER_NODES
-CHAIN_IMAGES = ("87", "88", "79", "65", "56", "57", "38", "39")  # the decoded images of those chains
+CHAIN_NODES = INVERSION_NODES + ("TrainFreeFreCaS",) + DIT_PATCHES + CACHE_NODES + SAMPLER_NODES + LINEAR_AG_NODES
+CHAIN_IMAGES = ("87", "88", "79", "65", "56", "57", "38", "39", "34")  # the decoded images of those chains
 
 
 def patch_nodes(object_info):
     """The pack's MODEL -> MODEL nodes for the SD1.5-class stack, in the order the server lists them."""
     return [name for name, info in object_info.items()
             if name.startswith("TrainFree") and list(info["output"]) == ["MODEL"]
-            and info["input"]["required"].get("model", [None])[0] == "MODEL" and name not in DIT_PATCHES]
+            and info["input"]["required"].get("model", [None])[0] == "MODEL" and name not in DIT_PATCHES + CALIBRATED_PATCHES]
 
 
 def patch_inputs(object_info, name):
@@ -71,6 +75,7 @@ def stack_prompt(object_info, patches=None, width=128, height=128, batch=1, step
         prompt.update(cascade_chain(model, steps))
         prompt.update(cache_chain(object_info, caption, steps))
         prompt.update(sampler_chain(object_info, model, steps))
+        prompt.update(linear_ag_chain(caption, steps))
     return {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in prompt.items()}
 
 
@@ -213,4 +218,24 @@ def sampler_chain(object_info, model, steps):
         "39": {"class_type": "VAEDecode", "inputs": {"samples": ["47", 0], "vae": ["1", 2]}},
         "36": {"class_type": "SaveImage", "inputs": {"images": ["38", 0], "filename_prefix": "trainfree_cfgpp"}},
         "37": {"class_type": "SaveImage", "inputs": {"images": ["39", 0], "filename_prefix": "trainfree_momentum"}},
+    }
+
+
+def linear_ag_chain(caption, steps):
+    """LinearAG on the reference model: calibrated on the caption (one run, 64 px) and sampled at the same steps,
+    CFG, sampler and scheduler with the calibration from its input, decoded as node "34"."""
+    return {
+        "30": {"class_type": "TrainFreeLinearAGCalibrate", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "calibration_prompts": caption, "negative_prompt": "",
+            "runs_per_prompt": 1, "seed": 0, "steps": steps, "cfg": 5.0, "sampler_name": "euler",
+            "scheduler": "normal", "width": 64, "height": 64, "filename_prefix": "trainfree_stack"}},
+        "31": {"class_type": "TrainFreeLinearAG", "inputs": {
+            "model": ["1", 0], "calibration_file": "(from the calibration input)", "calibration": ["30", 0]}},
+        "32": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "33": {"class_type": "KSampler", "inputs": {
+            "model": ["31", 0], "seed": 2, "steps": steps, "cfg": 5.0, "sampler_name": "euler",
+            "scheduler": "normal", "positive": ["90", 0], "negative": ["91", 0], "latent_image": ["32", 0],
+            "denoise": 1.0}},
+        "34": {"class_type": "VAEDecode", "inputs": {"samples": ["33", 0], "vae": ["1", 2]}},
+        "35": {"class_type": "SaveImage", "inputs": {"images": ["34", 0], "filename_prefix": "trainfree_linear_ag"}},
     }

@@ -57,6 +57,9 @@ def _cases(object_info):
     yield ("momentum-dpmpp-order", "TrainFreeMomentumSampler", {"order": 3}, "execution", "order")
     yield ("cfgpp-eta-on-a-deterministic-solver", "TrainFreeCFGPPSampler", {"solver": "dpmpp_2m", "eta": 0.5},
            "execution", "eta")
+    yield ("linear-ag-no-calibration-prompt", "TrainFreeLinearAGCalibrate", {"calibration_prompts": " \n"},
+           "execution", "calibration_prompts")
+    yield ("linear-ag-calibrated-without-cfg", "TrainFreeLinearAGCalibrate", {"cfg": 1.0}, "execution", "cfg")
     yield ("p2p-source-text-differs", "TrainFreePromptToPrompt", {"source_text": "a digit"}, "execution",
            "source_text")
 
@@ -181,6 +184,13 @@ def test_a_schedule_for_another_step_count_is_refused_by_name(server, object_inf
     prompt, _, sampler = _loaded_schedule_prompt(object_info)
     prompt[sampler]["inputs"]["steps"] = LOADED_SCHEDULE_STEPS - 1
     _check_refusal(server, prompt, sampler, "execution", "steps")
+
+
+def test_linear_ag_without_its_calibration_is_refused_by_name(server, object_info):
+    """LinearAG set to take the calibration from its input, with nothing connected there."""
+    prompt, node_id = _broken_prompt(object_info, "TrainFreeLinearAG", {})
+    del prompt[node_id]["inputs"]["calibration"]
+    _check_refusal(server, _only_through(prompt, node_id), node_id, "execution", "calibration_file")
 
 
 def test_a_malformed_schedule_file_is_refused_by_name(server, object_info):

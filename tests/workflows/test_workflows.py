@@ -26,6 +26,31 @@ NEUTRAL = {"TrainFreePAG": {"scale": 0.0},
            "TrainFreeBlockCache": {"cache_interval": 1, "schedule": "uniform", "cache_schedule": None},
            "TrainFreeAdaptiveGuidance": {"threshold": 1.0}}
 _CollectLatent, _latents = collect.collector("samples", "LATENT", take=lambda samples: samples["samples"])
+# Patches with no neutral setting that save model evaluations instead: the workflow's samplers push fewer batch
+# rows through the model than with the patch bypassed.
+ROW_SAVERS = ("TrainFreeLinearAG",)
+_rows = []
+
+
+class _CountRows:
+    """MODEL -> MODEL: the model with an APPLY_MODEL wrapper that adds each evaluation's batch rows to ``_rows``."""
+    CATEGORY = "harness"
+    FUNCTION = "wrap"
+    RETURN_TYPES = ("MODEL",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+    def wrap(self, model):
+        import comfy.patcher_extension as pe
+
+        def count(executor, x, *args, **kwargs):
+            _rows.append(x.shape[0])
+            return executor(x, *args, **kwargs)
+        model = model.clone()
+        model.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "harness_rows", count)
+        return (model,)
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +58,7 @@ def engine():
     run_workflows.boot()
     import nodes
     nodes.NODE_CLASS_MAPPINGS["HarnessCollectLatent"] = _CollectLatent
+    nodes.NODE_CLASS_MAPPINGS["HarnessCountRows"] = _CountRows
 
 
 def patch_nodes(prompt):
@@ -86,6 +112,15 @@ def _needed_by(prompt, keys):
             needed.add(key)
             todo += [v[0] for v in prompt[key]["inputs"].values() if isinstance(v, list) and len(v) == 2]
     return needed
+
+
+def rows_counted(prompt):
+    """The prompt with every sampler's model passed through ``HarnessCountRows``."""
+    prompt = json.loads(json.dumps(prompt))
+    for key in [k for k, v in prompt.items() if v["class_type"] in run_workflows.SAMPLER_NODES]:
+        prompt[f"rows{key}"] = {"class_type": "HarnessCountRows", "inputs": {"model": prompt[key]["inputs"]["model"]}}
+        prompt[key]["inputs"]["model"] = [f"rows{key}", 0]
+    return prompt
 
 
 def sampled(prompt, out_dir=None):
@@ -143,7 +178,7 @@ def has_patch(path):
     return any(n["type"] in ("TrainFreePAG", "TrainFreeAPG", "TrainFreeFDG", "TrainFreeGuidanceInterval",
                              "TrainFreeNoiseDampedCFG", "TrainFreeResidualCFG", "TrainFreeTwoModelGuidance",
                              "TrainFreeScaleCrafter", "TrainFreeDeepCache", "TrainFreeBlockCache",
-                             "TrainFreeAdaptiveGuidance")
+                             "TrainFreeAdaptiveGuidance", "TrainFreeLinearAG")
                for n in json.load(open(path))["nodes"])
 
 
@@ -248,8 +283,10 @@ def test_workflow_runs_and_its_technique_acts(engine, path, tmp_path):
     prompt = run_workflows.to_test_prompt(path)
     patches = patch_nodes(prompt)
     assert patches, "the workflow has no node of the pack"
-    prompt = second_models_made_distinct(prompt, patches)
+    prompt = rows_counted(second_models_made_distinct(prompt, patches))
+    _rows.clear()
     latent, outputs = sampled(prompt, str(tmp_path))
+    rows = sum(_rows)
     images = saved_images(outputs)
     assert images and all(os.path.getsize(tmp_path / name) > 0 for name in images)
     assert torch.isfinite(latent).all()
@@ -261,8 +298,18 @@ def test_workflow_runs_and_its_technique_acts(engine, path, tmp_path):
         assert len(saved) == len(searches) and all(f'"steps": {steps},' in (tmp_path / "cache_schedules" / name)
                                                    .read_text() for name in saved), saved
         assert len(saved_images(outputs, "temp")) == len(searches)
+    calibrations = [v for v in prompt.values() if v["class_type"] in run_workflows.CALIBRATION_NODES]
+    if calibrations:  # saved for the sampler's steps
+        (steps,) = {v["inputs"]["steps"] for v in prompt.values() if v["class_type"] in run_workflows.SAMPLER_NODES}
+        assert [c["inputs"]["steps"] for c in calibrations] == [steps] * len(calibrations)
+        saved = os.listdir(tmp_path / "linear_ag")
+        assert len(saved) == len(calibrations) and all(json.loads((tmp_path / "linear_ag" / name).read_text())
+                                                       ["steps"] == steps for name in saved), saved
+    _rows.clear()
     plain, _ = sampled(bypassed(prompt, patches))
     assert (latent - plain).abs().max() > 1e-3, "bypassing the pack's node leaves the result unchanged"
+    if any(prompt[key]["class_type"] in ROW_SAVERS for key in patches):
+        assert 0 < rows < sum(_rows), f"the model evaluated {rows} rows, {sum(_rows)} with the patch bypassed"
     kinds = {prompt[key]["class_type"] for key in patches}
     if kinds <= set(NEUTRAL):
         for key in patches:
