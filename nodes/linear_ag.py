@@ -137,8 +137,8 @@ class TrainFreeLinearAG(ModelPatchNode):
                 run.sigmas = [float(s) for s in model_options.get("transformer_options", {}).get("sample_sigmas", [])]
                 if len(run.sigmas) - 1 != steps:
                     raise ValueError(f"the LinearAG calibration {calibration_file} is for {steps} steps but the "
-                                     f"sampler runs {len(run.sigmas) - 1}: set steps to {steps}, or calibrate for "
-                                     f"{len(run.sigmas) - 1}")
+                                     f"sampler runs {len(run.sigmas) - 1}: set steps to {steps} (enter it on the "
+                                     f"sampler), or make a calibration for {len(run.sigmas) - 1}")
             value = float(sigma.flatten()[0])
             step = host.step_of(run.sigmas, value)
             run.regressing = (step in coefficients and run.previous is not None and run.previous[2] == step - 1

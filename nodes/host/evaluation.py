@@ -81,10 +81,14 @@ def predict_with(other, conds, x, sigma):
 
 
 def attach_model(model, key, other):
-    """Have ComfyUI load ``other`` together with ``model`` for sampling."""
-    if other.model is model.model and other.patches_uuid != model.patches_uuid:
-        raise UnsupportedModel("the second model shares its weights with the first but carries other weight "
-                               "patches (a LoRA); ComfyUI cannot hold both at once. Load it from its own loader.")
+    """Have ComfyUI load ``other`` together with ``model`` for sampling. A second model on the same weights is
+    loaded already; loading it as a model of its own would take the first one's module patches (DeepCache's
+    gates, ScaleCrafter's convolutions) off the weights, which ComfyUI holds for one of them at a time."""
+    if other.model is model.model:
+        if other.patches_uuid != model.patches_uuid:
+            raise UnsupportedModel("the second model shares its weights with the first but carries other weight "
+                                   "patches (a LoRA); ComfyUI cannot hold both at once. Load it from its own loader.")
+        return
     model.set_additional_models(key, [other])
 
 

@@ -196,3 +196,17 @@ def test_caches(models, plain, case):
     model, reference = models(family, dtype), plain(family, dtype)
     check(Run(cache(model, family, interval=2), family), reference, dtype, acts=True)
     check(Run(cache(model, family, interval=1), family), reference, dtype, acts=False)
+
+
+@pytest.mark.parametrize("case", IMAGE_CASES, ids=case_id)
+def test_adaptive_guidance(models, plain, case):
+    """The similarity is taken in float64 from half-precision predictions; stopping guidance keeps the dtypes."""
+    family, dtype = case
+    model, reference = models(family, dtype), plain(family, dtype)
+
+    def ag(threshold):
+        return run_node("TrainFreeAdaptiveGuidance", model=model, threshold=threshold)[0]
+    stopped = Run(ag(0.5), family)  # the tiny models align at once: CFG stops after the first step
+    assert stopped.model_dtypes == {dtype} and stopped.denoised_dtypes == reference.denoised_dtypes
+    assert torch.isfinite(stopped.out).all() and not torch.equal(stopped.out, reference.out)
+    check(Run(ag(1.0), family), reference, dtype, acts=False)
