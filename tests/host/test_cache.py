@@ -486,3 +486,13 @@ def test_patches_taken_off_by_a_model_sharing_the_weights_stop_it_with_a_clear_e
     patched = deepcache(take_patches_off_mid_run(tiny("sd15").clone()), interval=2)
     with pytest.raises(ValueError, match="Load that other model from its own loader node"):
         sample(patched, "sd15", steps=STEPS)
+
+
+def test_a_guide_on_the_same_weights_leaves_the_gates_in_place(tiny, host):
+    """Two-model guidance whose guide is a clone of the main model's weights: the guide is not loaded as a model of
+    its own (it already is), so DeepCache's gates stay on and every planned reuse happens."""
+    from test_guidance import two_model
+    model = tiny("sd15")
+    patched = deepcache(two_model(model, model.clone()), interval=2)
+    out = sample(patched, "sd15", steps=STEPS)
+    assert torch.isfinite(out).all() and report(host, patched)["reusing_evaluations"] == STEPS // 2
