@@ -11,6 +11,7 @@
 - ``building``: models built from ComfyUI's own classes (the reference models);
 - ``sampling_loop``: the pack's own sampling loops run inside ComfyUI's guider (inversion and its replay);
 - ``samplers``: the pack's own samplers (CFG++, momentum) as SAMPLER objects;
+- ``classifier``: the Diffusion Classifier's denoising errors per candidate prompt;
 - ``cascade``: sampling in stages of growing resolution (FreCaS) as a SAMPLER;
 - ``feature_cache``: features kept across sampling steps and reused (DeepCache on UNets, block caching on DiTs);
 - ``gradients``: gradients through the model despite ComfyUI's inference mode (null-text inversion);
@@ -24,6 +25,7 @@ resolutions) gets a module of its own here. Everything goes through ComfyUI's sa
 between ComfyUI versions are found by feature probes (listed by ``probes()``), never by version strings. Node
 modules use this package and ``guidance_ops``, nothing else.
 """
+from .classifier import classification_progress, denoising_errors, timestep_sigmas
 from .cascade import Plan as CascadePlan
 from .cascade import cascade_sampler, cascade_sigmas
 from .attention import FLUX_STATES_IMG_SLICE, HAS_ATTENTION_OVERRIDE, perturb_self_attention

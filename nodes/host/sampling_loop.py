@@ -15,14 +15,16 @@ import comfy.utils
 from .family import UnsupportedModel, model_sampling
 
 
-def run_loop(model, positive, negative, cfg, latent_shape, sigmas, body, seed=0, steps=None):
+def run_loop(model, positive, negative, cfg, latent_shape, sigmas, body, seed=0, steps=None, progress=None):
     """Run ``body(loop)`` inside a sampling run of ``model`` with these prompts and ``sigmas`` (a descending
-    schedule), and return what it returns. ``steps`` sizes the progress bar (default: one per sigma step)."""
+    schedule), and return what it returns. ``steps`` sizes the progress bar (default: one per sigma step);
+    ``progress`` continues one (a node that runs several loops)."""
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative if negative is not None else _empty_like(positive))
     guider.set_cfg(cfg)
     result = {}
-    progress = comfy.utils.ProgressBar(steps if steps is not None else len(sigmas) - 1)
+    if progress is None:
+        progress = comfy.utils.ProgressBar(steps if steps is not None else len(sigmas) - 1)
 
     def sampler(k_model, x, sigmas_, extra_args, callback, disable):
         result["value"] = body(Loop(k_model, guider, extra_args, sigmas_, progress))
@@ -137,13 +139,15 @@ class Loop:
     def step_done(self, count=1):
         comfy.model_management.throw_exception_if_processing_interrupted()
         self.done += count
-        self._progress.update_absolute(self.done)
+        self._progress.update(count)
 
     # ---- internals
 
     @staticmethod
     def _sigma_rows(x, sigma):
-        return torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(1).expand(x.shape[0])
+        """One sigma per row of ``x``: ``sigma`` is one value, or one per row."""
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).flatten()
+        return sigma if sigma.numel() == x.shape[0] else sigma.reshape(1).expand(x.shape[0])
 
     @contextlib.contextmanager
     def _scale(self, cfg):
