@@ -32,6 +32,7 @@ SCALECRAFTER = "TrainFreeScaleCrafter"
 SEARCH_NODES = ("TrainFreeCacheScheduleSearch",)  # sample like the workflow's KSampler: size and steps follow it
 CALIBRATION_NODES = ("TrainFreeLinearAGCalibrate",)  # likewise: a calibration holds for one step count
 SCHEDULE_LOADERS = ("TrainFreeLoadCacheSchedule",)  # a loaded schedule is for its step count: steps stay as saved
+CLASSIFIER_NODES = ("TrainFreeDiffusionClassifier",)  # analyse an image: no sampler; the plan is capped
 
 
 def generic_scalecrafter_preset(preset):
@@ -146,6 +147,8 @@ def to_test_prompt(path, max_size=128, max_steps=4):
         node["inputs"].update(capped_calibration(node["inputs"], max_size, None if steps_fixed else max_steps))
     for node in _each(prompt, ("TrainFreeFlowOpt",)):  # it regenerates at most the schedule's steps
         node["inputs"]["n_max"] = min(node["inputs"]["n_max"], max_steps)
+    for node in _each(prompt, CLASSIFIER_NODES):
+        node["inputs"].update(capped_classifier_plan(node["inputs"], max_steps))
     for node in _each(prompt, CASCADE_NODES):
         node["inputs"].update(width=max_size, height=max_size, base_width=max_size // 2, base_height=max_size // 2,
                               stage_steps=capped_stage_steps(node["inputs"]["stage_steps"], max_steps))
@@ -160,6 +163,14 @@ def capped_stage_steps(text, total):
     if sum(steps) > total:
         steps = [max(1, round(n * total / sum(steps))) for n in steps]
     return ", ".join(str(n) for n in steps)
+
+
+def capped_classifier_plan(inputs, pairs):
+    """A Diffusion Classifier's plan cut down to ``pairs`` (timestep, noise) pairs per candidate in all, over as many
+    stages as written (at least one more pair per stage), each stage keeping what it keeps."""
+    samples = [int(part) for part in inputs["timesteps_per_stage"].split(",")]
+    capped = [min(n, pairs - len(samples) + 1 + i) for i, n in enumerate(samples)]
+    return {"timesteps_per_stage": ", ".join(str(n) for n in capped)}
 
 
 def capped_search(inputs, size, steps):

@@ -1,8 +1,8 @@
 """An API prompt that stacks every patch of the pack on the reference model, for the server tests; optionally
 followed by every inversion node (inversion, null-text, prompt-to-prompt, save / load, sampling, FlowOpt on the
 Flux-class model, whose sampler runs through the DiT block cache), a FreCaS cascade on the stacked model, and the
-cache schedule nodes (a schedule searched, and one loaded, each sampled through DeepCache), the pack's samplers and
-LinearAG (calibrated, then sampled with the calibration).
+cache schedule nodes (a schedule searched, and one loaded, each sampled through DeepCache), the pack's samplers,
+LinearAG (calibrated, then sampled with the calibration) and the Diffusion Classifier (on the sampled image).
 
 The patches and their settings come from the server's /object_info (defaults), so a new MODEL -> MODEL node joins
 the stack, and the bad-input table, by itself. A second model input (guide, weak model) gets a second copy of the
@@ -25,9 +25,13 @@ INVERSION_NODES = ("TrainFreeInvert", "TrainFreeNullTextInversion", "TrainFreePr
 CACHE_NODES = ("TrainFreeCacheScheduleSearch", "TrainFreeLoadCacheSchedule")
 SAMPLER_NODES = ("TrainFreeCFGPPSampler", "TrainFreeMomentumSampler")
 LINEAR_AG_NODES = ("TrainFreeLinearAGCalibrate",) + CALIBRATED_PATCHES
+CLASSIFIER_NODES = ("TrainFreeDiffusionClassifier",)
 # the nodes the chains ``inversion=True`` adds hold
-CHAIN_NODES = INVERSION_NODES + ("TrainFreeFreCaS",) + DIT_PATCHES + CACHE_NODES + SAMPLER_NODES + LINEAR_AG_NODES
-CHAIN_IMAGES = ("87", "88", "79", "65", "56", "57", "38", "39", "34")  # the decoded images of those chains
+CHAIN_NODES = (INVERSION_NODES + ("TrainFreeFreCaS",) + DIT_PATCHES + CACHE_NODES + SAMPLER_NODES + LINEAR_AG_NODES
+               + CLASSIFIER_NODES)
+# the decoded images of those chains (and the classifier's chart)
+CHAIN_IMAGES = ("87", "88", "79", "65", "56", "57", "38", "39", "34", "26")
+CHAIN_IMAGE_SLOTS = {"26": 2}  # output slots of those images other than 0: the classifier's chart
 
 
 def patch_nodes(object_info):
@@ -76,6 +80,7 @@ def stack_prompt(object_info, patches=None, width=128, height=128, batch=1, step
         prompt.update(cache_chain(object_info, caption, steps))
         prompt.update(sampler_chain(object_info, model, steps))
         prompt.update(linear_ag_chain(caption, steps))
+        prompt.update(classifier_chain(caption))
     return {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in prompt.items()}
 
 
@@ -238,4 +243,19 @@ def linear_ag_chain(caption, steps):
             "denoise": 1.0}},
         "34": {"class_type": "VAEDecode", "inputs": {"samples": ["33", 0], "vae": ["1", 2]}},
         "35": {"class_type": "SaveImage", "inputs": {"images": ["34", 0], "filename_prefix": "trainfree_linear_ag"}},
+    }
+
+
+def classifier_chain(caption):
+    """The Diffusion Classifier on the first sampled image (encoded by its vae input): the caption against another
+    colour and another digit, on a tiny plan; its chart saved from node "26"."""
+    other_colour = caption.replace(caption.split()[1], "blue" if caption.split()[1] != "blue" else "red", 1)
+    other_digit = caption.replace(caption.split()[3], "five" if caption.split()[3] != "five" else "six", 1)
+    return {
+        "25": {"class_type": "ImageFromBatch", "inputs": {"image": ["94", 0], "batch_index": 0, "length": 1}},
+        "26": {"class_type": "TrainFreeDiffusionClassifier", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "candidates": "\n".join([caption, other_colour, other_digit]),
+            "timesteps_per_stage": "2, 4", "keep_per_stage": "2, 1", "seed": 0, "batch_size": 4,
+            "image": ["25", 0], "vae": ["1", 2]}},
+        "27": {"class_type": "SaveImage", "inputs": {"images": ["26", 2], "filename_prefix": "trainfree_classifier"}},
     }

@@ -60,6 +60,10 @@ def _cases(object_info):
     yield ("linear-ag-no-calibration-prompt", "TrainFreeLinearAGCalibrate", {"calibration_prompts": " \n"},
            "execution", "calibration_prompts")
     yield ("linear-ag-calibrated-without-cfg", "TrainFreeLinearAGCalibrate", {"cfg": 1.0}, "execution", "cfg")
+    yield ("classifier-keeps-more-than-one-at-the-end", "TrainFreeDiffusionClassifier",
+           {"keep_per_stage": "2, 2"}, "execution", "keep")
+    yield ("classifier-one-candidate", "TrainFreeDiffusionClassifier", {"candidates": "a digit"}, "execution",
+           "candidate")
     yield ("p2p-source-text-differs", "TrainFreePromptToPrompt", {"source_text": "a digit"}, "execution",
            "source_text")
 

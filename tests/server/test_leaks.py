@@ -15,7 +15,7 @@ import os
 import pytest
 
 from harness.server import ComfyServer, error_message
-from tests.server.stack import CHAIN_IMAGES, patch_nodes, stack_prompt
+from tests.server.stack import CHAIN_IMAGE_SLOTS, CHAIN_IMAGES, patch_nodes, stack_prompt
 
 RUNS, FIRST, LAST = 18, 10, 18  # runs FIRST and LAST (1-based) use the same shape and stack
 # gc type counts are compared at every run of that phase (6, 10, 14, 18): a leak adds objects every cycle, while
@@ -40,7 +40,7 @@ def _stacks(object_info):
 
 def _probed(prompt):
     """The probe runs last: it takes the images of every chain (ImageBatch joins them), so it waits for them all."""
-    images = [[key, 0] for key in ("94",) + CHAIN_IMAGES if key in prompt]
+    images = [[key, CHAIN_IMAGE_SLOTS.get(key, 0)] for key in ("94",) + CHAIN_IMAGES if key in prompt]
     joined = images[0]
     for i, image in enumerate(images[1:]):
         prompt[f"96{i}"] = {"class_type": "ImageBatch", "inputs": {"image1": joined, "image2": image}}

@@ -182,6 +182,10 @@ def has_patch(path):
                for n in json.load(open(path))["nodes"])
 
 
+def has_classifier(path):
+    return any(n["type"] in run_workflows.CLASSIFIER_NODES for n in json.load(open(path))["nodes"])
+
+
 def has_cascade(path):
     return any(n["type"] in run_workflows.CASCADE_NODES for n in json.load(open(path))["nodes"])
 
@@ -259,8 +263,8 @@ def test_cascade_workflow_runs_and_its_stages_act(engine, path, tmp_path):
     assert (latent - direct).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("path", [p for p in PATHS if not has_patch(p) and not has_cascade(p) and not has_sampler(p)],
-                         ids=os.path.basename)
+@pytest.mark.parametrize("path", [p for p in PATHS if not has_patch(p) and not has_cascade(p) and not has_sampler(p)
+                                  and not has_classifier(p)], ids=os.path.basename)
 def test_inversion_workflow_runs_and_edits_the_image(engine, path, tmp_path):
     """Workflows without a MODEL patch invert a loaded image and edit it: every edit differs from the encoded
     image, and the images are written."""
@@ -338,3 +342,21 @@ def test_sampler_workflow_runs_and_its_sampler_acts(engine, path, tmp_path):
     ours, _ = cascade_output(equivalent)
     core = plain if core_name == plain_name else cascade_output(with_core_sampler(prompt, key, core_name))[0]
     torch.testing.assert_close(ours, core, rtol=1e-4, atol=1e-4 * float(core.abs().max()))
+
+
+@pytest.mark.parametrize("path", [p for p in PATHS if has_classifier(p)], ids=os.path.basename)
+def test_classifier_workflow_names_the_caption_of_the_loaded_digit(engine, path, tmp_path):
+    """The classifier workflows load the held-out red seven (its caption is the reference model's
+    ``DIGIT_CAPTION``): with the plan capped, the node still names that caption as the best prompt, scores every
+    candidate, and its chart is previewed."""
+    import folder_paths
+    folder_paths.set_output_directory(str(tmp_path))
+    prompt = run_workflows.to_test_prompt(path)
+    outputs = comfy_host.execute_prompt(prompt)
+    for key, node in prompt.items():
+        if node["class_type"] in run_workflows.CLASSIFIER_NODES:
+            candidates = node["inputs"]["candidates"].splitlines()
+            best, *scores = outputs[key]["text"][0].splitlines()
+            assert run_workflows.DIGIT_CAPTION in candidates and best == run_workflows.DIGIT_CAPTION, scores
+            assert sorted(line.split("  ")[-1] for line in scores) == sorted(candidates)
+    assert saved_images(outputs, "temp")
