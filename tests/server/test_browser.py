@@ -154,8 +154,9 @@ def test_workflow_loads_renders_and_runs_in_the_browser(server, page, object_inf
     assert "prompt_id" in answer, answer
     entry = server.wait(answer["prompt_id"])
     assert entry["status"]["status_str"] == "success", error_message(entry)
-    page.wait_for_function("() => app.graph._nodes.some(n => n.type === 'SaveImage' && n.imgs && n.imgs.length && "
-                           "n.imgs.every(i => i.complete))", timeout=30_000)
+    # the workflow's images appear on its image nodes (the classifier's only output image is a preview)
+    page.wait_for_function("() => app.graph._nodes.some(n => ['SaveImage', 'PreviewImage'].includes(n.type) && "
+                           "n.imgs && n.imgs.length && n.imgs.every(i => i.complete))", timeout=30_000)
     _screenshot(page, os.path.join(artifacts, f"browser_{name}_finished.png"))
     assert not page.errors, page.errors
 
