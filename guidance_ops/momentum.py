@@ -8,6 +8,8 @@ is the flow ODE. ``denoise(x, sigma)`` gives the denoised prediction; beta = 1 i
 """
 import math
 
+from .cfgpp import half_log_snr
+
 
 def adams_bashforth(history, order, beta=1.0):
     """The official ``AdamBmixer``: Adams-Bashforth of up to ``order`` past values (newest last), generalised by
@@ -61,10 +63,6 @@ def sample_plms(denoise, x, sigmas, order=4, beta=1.0, generalised=False, callba
             velocity = update = (1 - beta) * velocity + beta * mixed
         x = x + (sigma_next - sigma) * update
     return x
-
-
-def half_log_snr(sigma, alpha):
-    return math.log(alpha / sigma) if alpha > 0 else -math.inf
 
 
 def sample_dpmpp_2m(denoise, x, sigmas, alpha_of, beta=1.0, callback=None):

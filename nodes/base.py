@@ -30,3 +30,11 @@ def check_numbers(node, input_types, values):
 
 def model_input(tooltip="Any model (SD1.5, SDXL, SD3, Flux)."):
     return ("MODEL", {"tooltip": tooltip})
+
+
+def prompt_lines(text, name):
+    """The distinct non-empty lines of a multiline prompt input, in order; a clear error when there are none."""
+    lines = list(dict.fromkeys(line.strip() for line in text.splitlines() if line.strip()))
+    if not lines:
+        raise ValueError(f"{name} is empty: write at least one prompt (one per line)")
+    return lines

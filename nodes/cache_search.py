@@ -8,7 +8,7 @@ import torch
 from ..guidance_ops import cache_schedule as schedules
 from ..guidance_ops import cache_search as search
 from . import host
-from .base import check_numbers
+from .base import check_numbers, prompt_lines
 from .cache import SCHEDULE_TYPE
 
 log = logging.getLogger("trainfree")
@@ -75,9 +75,7 @@ class TrainFreeCacheScheduleSearch:
     def search(self, model, clip, calibration_prompts, negative_prompt, seed, steps, cfg, sampler_name, scheduler,
                width, height, method, budget, population, generations, filename_prefix):
         check_numbers(type(self).__name__, self.INPUT_TYPES(), locals())
-        prompts = [p.strip() for p in calibration_prompts.splitlines() if p.strip()]
-        if not prompts:
-            raise ValueError("calibration_prompts is empty: write at least one prompt (one per line)")
+        prompts = prompt_lines(calibration_prompts, "calibration_prompts")
         scope = host.cache_scope(model)
         units = list(scope.trainfree_cache_units)
         shares = host.unit_shares(model, units)

@@ -5,7 +5,7 @@ import logging
 from ..guidance_ops import diffusion_classifier as dc
 from ..guidance_ops.frecas import parse_list
 from . import host
-from .base import check_numbers
+from .base import check_numbers, prompt_lines
 
 log = logging.getLogger("trainfree")
 
@@ -49,7 +49,7 @@ class TrainFreeDiffusionClassifier:
     def classify(self, model, clip, candidates, timesteps_per_stage, keep_per_stage, seed, batch_size, latent=None,
                  image=None, vae=None):
         check_numbers(type(self).__name__, self.INPUT_TYPES(), {"seed": seed, "batch_size": batch_size})
-        texts = list(dict.fromkeys(line.strip() for line in candidates.splitlines() if line.strip()))
+        texts = prompt_lines(candidates, "candidates")
         samples = parse_list(timesteps_per_stage, "timesteps_per_stage", int)
         keep = parse_list(keep_per_stage, "keep_per_stage", int)
         dc.check_stages(samples, keep, len(texts))
@@ -57,7 +57,7 @@ class TrainFreeDiffusionClassifier:
         stages = dc.stage_timesteps(samples)
         noise = dc.shared_noise(samples[-1], x0.shape[1:], seed)
         conditioning = {text: host.encode_text(clip, text) for text in texts}
-        progress = host.classification_progress(sum(len(s) * k for s, k in zip(stages, [len(texts)] + keep[:-1])))
+        progress = host.progress_bar(sum(len(s) * k for s, k in zip(stages, [len(texts)] + keep[:-1])))
         errors, remaining, used = {text: [] for text in texts}, list(texts), 0
         for timesteps, kept in zip(stages, keep):
             sigmas = host.timestep_sigmas(model, timesteps)

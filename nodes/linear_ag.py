@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 from ..guidance_ops import linear_ag
 from . import host
-from .base import ModelPatchNode, check_numbers, model_input
+from .base import ModelPatchNode, check_numbers, model_input, prompt_lines
 
 log = logging.getLogger("trainfree")
 
@@ -56,9 +56,7 @@ class TrainFreeLinearAGCalibrate:
     def calibrate(self, model, clip, calibration_prompts, negative_prompt, runs_per_prompt, seed, steps, cfg,
                   sampler_name, scheduler, width, height, filename_prefix):
         check_numbers(type(self).__name__, self.INPUT_TYPES(), locals())
-        prompts = [p.strip() for p in calibration_prompts.splitlines() if p.strip()]
-        if not prompts:
-            raise ValueError("calibration_prompts is empty: write at least one prompt (one per line)")
+        prompts = prompt_lines(calibration_prompts, "calibration_prompts")
         if cfg == 1.0:
             raise ValueError("cfg is 1, where there is no unconditional pass to regress: enter the CFG you sample with")
         recorder, trajectory = model.clone(), []

@@ -25,7 +25,7 @@ resolutions) gets a module of its own here. Everything goes through ComfyUI's sa
 between ComfyUI versions are found by feature probes (listed by ``probes()``), never by version strings. Node
 modules use this package and ``guidance_ops``, nothing else.
 """
-from .classifier import classification_progress, denoising_errors, timestep_sigmas
+from .classifier import denoising_errors, timestep_sigmas
 from .cascade import Plan as CascadePlan
 from .cascade import cascade_sampler, cascade_sigmas
 from .attention import FLUX_STATES_IMG_SLICE, HAS_ATTENTION_OVERRIDE, perturb_self_attention

@@ -6,7 +6,7 @@ import torch
 from ...guidance_ops import diffusion_classifier as dc
 from .cascade import timestep_sigma
 from .family import is_flow_model, model_sampling, prediction_space
-from .sampling_loop import progress_bar, run_loop
+from .sampling_loop import run_loop
 
 
 def timestep_sigmas(model, timesteps):
@@ -35,7 +35,3 @@ def denoising_errors(model, candidates, latent, sigmas, noise, batch_size, progr
             return errors
         out[text] = run_loop(model, conditioning, None, 1.0, latent.shape, top, body, progress=progress)
     return out
-
-
-def classification_progress(total):
-    return progress_bar(total)

@@ -11,8 +11,7 @@ import comfy.samplers
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, UNetModel, Upsample
 
 from ...guidance_ops import redilation
-from .family import UnsupportedModel
-from .feature_cache import SHARED_WEIGHTS
+from .family import SHARED_WEIGHTS, UnsupportedModel
 from .runs import Wrappers
 
 _ROOT = "diffusion_model."

@@ -21,6 +21,14 @@ class UnsupportedModel(ValueError):
     pass
 
 
+# Module patches (object patches) of a model whose weights another loaded model shares can be taken off mid-run:
+# ComfyUI keeps one model's object patches on shared weights.
+SHARED_WEIGHTS = ("{title} found its module patches taken off the loaded model: another model sharing these weights "
+                  "was loaded alongside it (a guide or second model from the same checkpoint, as two-model guidance "
+                  "may use), and ComfyUI keeps one model's module patches on shared weights. Load that other model "
+                  "from its own loader node.")
+
+
 def model_family(model):
     """'sd15', 'sdxl', 'unet' (other openaimodel UNets), 'sd3', 'flux', 'wan' (Wan 2.1 / 2.2 video) or None."""
     net = model.model.diffusion_model

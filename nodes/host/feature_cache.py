@@ -24,14 +24,10 @@ import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential, UNetModel
 
 from ...guidance_ops import cache_schedule as schedules
-from .family import DIT_FAMILIES, UNET_FAMILIES, UnsupportedModel, model_family
+from .family import DIT_FAMILIES, SHARED_WEIGHTS, UNET_FAMILIES, UnsupportedModel, model_family
 from .runs import RunScope, Wrappers, step_of
 
 _ROOT = "diffusion_model."
-SHARED_WEIGHTS = ("{title} found its module patches taken off the loaded model: another model sharing these weights "
-                  "was loaded alongside it (a guide or second model from the same checkpoint, as two-model guidance "
-                  "may use), and ComfyUI keeps one model's module patches on shared weights. Load that other model "
-                  "from its own loader node.")
 
 
 @dataclass

@@ -88,7 +88,7 @@ def test_every_family_scores_the_prompt_it_was_denoised_with_apart(tiny, family,
     candidates = {name: tiny_models.conditioning(family, seed=s) for name, s in (("one", 1), ("two", 2))}
     timesteps = dc.stage_timesteps([4])[0]
     errors = host.denoising_errors(model, candidates, latent, host.timestep_sigmas(model, timesteps),
-                                   dc.shared_noise(4, latent.shape[1:], 0), 2, host.classification_progress(8))
+                                   dc.shared_noise(4, latent.shape[1:], 0), 2, host.progress_bar(8))
     assert all(len(v) == 4 and all(e > 0 and e == e for e in v) for v in errors.values())
     assert errors["one"] != errors["two"]
 
