@@ -172,7 +172,8 @@ def _negative_conds(positive, negative):
             raise UnsupportedModel(
                 f"the negative prompt has {negative.shape[1]} tokens and the positive {text.cond.shape[1]}; on "
                 f"SD3 / Flux NASA runs the negative text in the same batch as the positive, which needs equal "
-                f"lengths: shorten or lengthen one prompt (or pad with ConditioningConcat)")
+                f"lengths: shorten the longer prompt until both encode to the same length (ComfyUI pads Flux's T5 "
+                f"text to 256 tokens and SD3's to 77, and a longer prompt grows past that)")
         tensor = negative.to(device=text.cond.device, dtype=text.cond.dtype)
         if tensor.shape[0] != text.cond.shape[0]:
             tensor = tensor.expand(text.cond.shape[0], -1, -1)

@@ -139,6 +139,25 @@ def test_a_dit_steers_the_image_tokens_with_what_they_read_from_the_negative_tex
     assert (other - large).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("family", DITS)
+def test_the_negative_text_row_keeps_the_positive_rows_image_stream(tiny, family):
+    """Both rows get the steered image tokens in every joint attention and share latent, timestep, pooled vector
+    and guidance, so the negative-text row's prediction is the positive row's."""
+    import comfy.patcher_extension as pe
+    patched = nasa(tiny(family), negative_of(family))
+    outputs = []
+
+    def record(executor, x, *args, **kwargs):
+        out = executor(x, *args, **kwargs)
+        outputs.append(out.clone())
+        return out
+    patched.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "test_record", record)
+    sample(patched, family, cfg=1.0, steps=2)
+    assert len(outputs) == 2 and all(o.shape[0] == 2 for o in outputs)
+    for out in outputs:
+        torch.testing.assert_close(out[1], out[0], rtol=1e-5, atol=1e-5)
+
+
 def test_the_unconditional_pass_is_left_alone_at_cfg_above_one(tiny, family):
     base_model = tiny(family).clone()
     base_first = FirstEvaluation(base_model)
