@@ -16,7 +16,6 @@ AUTO = -1.0
 class NASARun:
     sigma_start: float
     sigma_end: float
-    negative: object
     modules: dict
     active: bool = False
     evaluations: int = 0
@@ -90,7 +89,7 @@ class TrainFreeNASA(ModelPatchNode):
         def start(guider, *_):
             patcher = guider.model_patcher
             return NASARun(host.percent_to_sigma(patcher, start_percent), host.percent_to_sigma(patcher, end_percent),
-                           embedding, host.cross_attention_modules(patcher, m))
+                           host.cross_attention_modules(patcher, m))
 
         def on_evaluation(run, sigma):
             run.evaluations += 1

@@ -14,7 +14,8 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from ...guidance_ops import batch as rows
 from ...guidance_ops import nasa as nasa_ops
-from .attention import FLUX_STATES_IMG_SLICE, HAS_ATTENTION_OVERRIDE, chain_unet_replace, text_length_link, text_position, unet_attention
+from .attention import (FLUX_STATES_IMG_SLICE, HAS_ATTENTION_OVERRIDE, chain_unet_replace, text_length_link,
+                        text_position, unet_attention)
 from .evaluation import add_extra_cond_pass
 from .family import DIT_FAMILIES, UNET_FAMILIES, UnsupportedModel, model_family
 from .runs import Wrappers
@@ -66,9 +67,11 @@ def context_width(model):
 
 def steer_cross_attention(model, negative, alpha, scope):
     """Steer every cross-attention of ``model`` away from the text embedding ``negative`` ([1 or B, tokens,
-    width]) with weight ``alpha``, while ``scope.state.active`` (set per evaluation by the caller). The state
-    also needs ``hits`` (a dict counted per layer), ``projections`` (a dict this module fills and the run drops)
-    and, on DiTs, the fields ``add_extra_cond_pass`` uses. Returns the list of layers patched."""
+    width]) with weight ``alpha``, on the conditional rows, while ``scope.state.active`` (set per evaluation by
+    the caller, e.g. with ``count_evaluations``). The run state also needs ``hits`` (a dict counted per layer);
+    on UNets ``modules`` (``cross_attention_modules`` of the sampled model) and ``projections`` (a dict this
+    module fills, dropped with the run); on DiTs the fields ``add_extra_cond_pass`` uses. Returns the layers
+    patched."""
     family = model_family(model)
     if family in UNET_FAMILIES:
         return _steer_unet(model, negative, alpha, scope)
@@ -88,25 +91,34 @@ def _count_hit(state, layer):
 
 def _steer_unet(model, negative, alpha, scope):
     sites = cross_attention_sites(model)
-    blocks = {}
-    for kind, block, t in sites:
-        blocks.setdefault((kind, block), set()).add(t)
-    for (kind, block), transformers in blocks.items():
+    for kind, block in sorted({(kind, block) for kind, block, _ in sites}):
         chain_unet_replace(model, "attn2", kind, block, None,
                            lambda previous, kind=kind, block=block: _unet_link(previous, kind, block, sites,
                                                                                negative, alpha, scope))
     return sorted(sites)
 
 
-def _negative_keys_values(state, path, q):
+def _negative_keys_values(state, path, negative, q):
     """K- and V- of one layer for this run, projected once per device / dtype with the layer's own weights
     (fetched from the sampled model when the run started, so ComfyUI's weight casting and patches apply)."""
     key = (path, q.device, q.dtype)
     if key not in state.projections:
         attn = state.modules[path]
-        context = state.negative.to(device=q.device, dtype=q.dtype)
+        context = negative.to(device=q.device, dtype=q.dtype)
         state.projections[key] = (attn.to_k(context), attn.to_v(context))
     return state.projections[key]
+
+
+def _to_rows(t, count):
+    """The negative prompt's tensor for ``count`` batch rows (one prompt for all, or one per sample)."""
+    if t.shape[0] == count:
+        return t
+    if t.shape[0] == 1:
+        return t.expand(count, -1, -1)
+    if count % t.shape[0] == 0:
+        return t.repeat(count // t.shape[0], 1, 1)
+    raise ValueError(f"the negative conditioning holds a batch of {t.shape[0]} prompts, which does not divide the "
+                     f"{count} latents being sampled: encode one negative prompt, or one per latent")
 
 
 def _unet_link(previous, kind, block, sites, negative, alpha, scope):
@@ -119,12 +131,10 @@ def _unet_link(previous, kind, block, sites, negative, alpha, scope):
         if not mask.any():
             return out
         index = extra_options.get("block_index", 0)
-        k_neg, v_neg = _negative_keys_values(state, sites[(kind, block, index)], q)
+        k_neg, v_neg = _negative_keys_values(state, sites[(kind, block, index)], negative, q)
         count = int(mask.sum())
-        k_neg, v_neg = (t.expand(count, -1, -1) if t.shape[0] == 1 else t.repeat(count // t.shape[0], 1, 1)
-                        for t in (k_neg, v_neg))
         options = {**extra_options, "cond_or_uncond": [POSITIVE]}
-        z_neg = unet_attention(q[mask], k_neg, v_neg, options)
+        z_neg = unet_attention(q[mask], _to_rows(k_neg, count), _to_rows(v_neg, count), options)
         _count_hit(state, (kind, block, index))
         steered = out.clone()
         steered[mask] = nasa_ops.steer(out[mask], z_neg, alpha)
@@ -174,9 +184,8 @@ def _negative_conds(positive, negative):
                 f"SD3 / Flux NASA runs the negative text in the same batch as the positive, which needs equal "
                 f"lengths: shorten the longer prompt until both encode to the same length (ComfyUI pads Flux's T5 "
                 f"text to 256 tokens and SD3's to 77, and a longer prompt grows past that)")
+        # ComfyUI repeats it to the latent batch as it does any conditioning (CONDRegular.process_cond)
         tensor = negative.to(device=text.cond.device, dtype=text.cond.dtype)
-        if tensor.shape[0] != text.cond.shape[0]:
-            tensor = tensor.expand(text.cond.shape[0], -1, -1)
         out.append({**entry, "model_conds": {**conds, "c_crossattn": type(text)(tensor)}})
     return out
 

@@ -42,7 +42,7 @@ def test_the_steering_machinery_at_alpha_zero_leaves_the_result_unchanged(tiny, 
     m = tiny(family).clone()
     negative = negative_of(family)[0][0]
     scope = host.RunScope(m, host.new_key("nasa"), lambda guider, *_: nodes_nasa.NASARun(
-        1e9, 0.0, negative, host.cross_attention_modules(guider.model_patcher, m)))
+        1e9, 0.0, host.cross_attention_modules(guider.model_patcher, m)))
     host.count_evaluations(m, scope, lambda run, sigma: setattr(run, "active", True))
     host.steer_cross_attention(m, negative, 0.0, scope)
     out, counter = rows_per_call(m, family, cfg=1.0)
@@ -275,3 +275,22 @@ def test_against_core_nag_on_the_same_model_and_prompts(tiny):
     other_neg = negative_of(family, seed=9)
     assert torch.equal(sample(nasa(tiny(family), neg), family, cfg=1.0, pos=pos, neg=other_neg), nasa_out)
     assert (sample(nag(5.0, 0.5), family, cfg=1.0, pos=pos, neg=other_neg) - nag_out).abs().max() > 1e-4
+
+
+def test_a_negative_per_sample_is_used_and_on_unets_a_batch_that_does_not_divide_is_refused(tiny, family):
+    two = negative_of(family, batch=2)
+    base = sample(tiny(family), family, cfg=1.0, batch=2)
+    out = sample(nasa(tiny(family), two), family, cfg=1.0, batch=2)
+    assert ((out - base).flatten(1).abs().amax(1) > 1e-4).all()
+    if family in UNETS:  # DiTs: ComfyUI batches the negative-text row as any conditioning
+        with pytest.raises(ValueError, match="batch of 3 prompts, which does not divide the 2 latents"):
+            sample(nasa(tiny(family), negative_of(family, batch=3)), family, cfg=1.0, batch=2)
+
+
+@pytest.mark.parametrize("family,dtype", [("sd15", torch.float16), ("flux", torch.bfloat16)])
+def test_half_precision_models_are_steered_in_their_own_dtype(family, dtype):
+    model = tiny_models.make_model(family, dtype=dtype)
+    base = sample(model, family, cfg=1.0, steps=2)
+    out = sample(nasa(model, negative_of(family)), family, cfg=1.0, steps=2)
+    assert torch.isfinite(out).all() and (out - base).abs().max() > 1e-3
+    assert torch.equal(sample(nasa(model, negative_of(family), alpha=0.0), family, cfg=1.0, steps=2), base)

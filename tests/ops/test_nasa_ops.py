@@ -7,7 +7,7 @@ from guidance_ops import nasa
 
 
 def head_by_head(q, k, v, heads):
-    """Scaled dot-product attention written out per head and per query in float64 (the paper's softmax(QK^T/sqrt d)V)."""
+    """Scaled dot-product attention written out per head in float64 (the paper's softmax(QK^T / sqrt d) V)."""
     b, n, c = q.shape
     d = c // heads
     out = torch.zeros(b, n, c, dtype=torch.float64)
