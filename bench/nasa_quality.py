@@ -2,7 +2,8 @@
 the same negative prompt.
 
     python -m bench.nasa_quality --out-dir docs/bench            # both reference models
-    python -m bench.nasa_quality --models sd15 --per-prompt 2
+    python -m bench.nasa_quality --models sd15 --per-prompt 4
+    python -m bench.nasa_quality --steps 10 --alpha -1 0.5 1 2 --tag _10_steps
 
 Captions "a <colour> digit <d> on a dark background" for d = 0..9 (``--per-prompt`` seeds each), negative prompt
 "<colour>" (default red). Rows per step count (Euler; normal scheduler on the SD1.5-class model, simple on the
@@ -85,12 +86,13 @@ def main():
     parser.add_argument("--models", nargs="+", default=["sd15", "flux"], choices=sorted(SCHEDULERS))
     parser.add_argument("--colour", default="red", choices=sorted(digits.COLOURS))
     parser.add_argument("--steps", nargs="+", type=int, default=[1, 4, 10])
-    parser.add_argument("--cfg", nargs="+", type=float, default=[5.0])
-    parser.add_argument("--alpha", nargs="+", type=float, default=[-1.0, 0.5, 1.0])
+    parser.add_argument("--cfg", nargs="*", type=float, default=[5.0])
+    parser.add_argument("--alpha", nargs="*", type=float, default=[-1.0, 0.5, 1.0])
     parser.add_argument("--per-prompt", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default=os.path.join(comfy_host.PACK_DIR, "bench", "output"))
     parser.add_argument("--grid-dir", help="save each row's images here (one row per digit)")
+    parser.add_argument("--tag", default="", help="suffix of the result file: nasa_quality_<model><tag>.json")
     args = parser.parse_args()
     run_workflows.boot()
     import nodes
@@ -110,11 +112,12 @@ def main():
                       f"{r['removed_with_digit_kept']:.3f})  digit {r['digit_adherence']:.3f}  "
                       f"chroma {r['mean_chroma']:.3f}  {r['seconds_per_image']:.3f} s/img  {r['colours']}",
                       flush=True)
-        result = {"command": " ".join(["python -m bench.nasa_quality"] + sys.argv[1:]),
-                  "comfyui": comfy_host.host_version(), "model": quality.MODELS[model], "colour": args.colour,
-                  "negative_prompt": args.colour, "rows": rows}
-        with open(os.path.join(args.out_dir, f"nasa_quality_{model}.json"), "w") as f:
-            json.dump(result, f, indent=1)
+                result = {"command": " ".join(["python -m bench.nasa_quality"] + sys.argv[1:]),
+                          "comfyui": comfy_host.host_version(), "model": quality.MODELS[model],
+                          "colour": args.colour, "negative_prompt": args.colour, "rows": rows}
+                path = os.path.join(args.out_dir, f"nasa_quality_{model}{args.tag}.json")
+                with open(path, "w") as f:  # after every row
+                    json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

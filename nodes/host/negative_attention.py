@@ -149,7 +149,7 @@ def cross_attention_modules(patcher, model):
 
 # ---------------------------------------------------------------- DiTs: one negative-text row
 
-_MARK = "trainfree_nasa_text"  # transformer_options: (scope, text position) of the running joint block
+_MARK = "trainfree_nasa_text_"  # + scope key, in transformer_options: (layer, text position) of the running block
 
 
 def _steer_dit(model, negative, alpha, scope):
@@ -165,7 +165,7 @@ def _steer_dit(model, negative, alpha, scope):
         target = ("double_block", len(net.double_blocks) - 1)
         replace[target] = text_length_link(replace.get(target))
     options["optimized_attention_override"] = _steering_override(options.get("optimized_attention_override"),
-                                                                 alpha)
+                                                                 alpha, scope)
     add_extra_cond_pass(model, scope, lambda state, sigma: state.active,
                         lambda state, positive: _negative_conds(positive, negative))
     return layers
@@ -196,33 +196,37 @@ def _dit_block_link(previous, layer, scope, text_of):
         state = scope.state
         if state is None or to.get(scope.key) is None:
             return previous(args, extra) if previous is not None else extra["original_block"](args)
-        before = to.get(_MARK)
-        to[_MARK] = (scope, layer, text_of(args))
+        mark_key = _MARK + scope.key
+        before = to.get(mark_key)
+        to[mark_key] = (layer, text_of(args))
         try:
             return previous(args, extra) if previous is not None else extra["original_block"](args)
         finally:
-            to[_MARK] = before
+            to[mark_key] = before
     return block_fn
 
 
-def _steering_override(previous, alpha):
+def _steering_override(previous, alpha, scope):
+    """Joint attention calls of the marked blocks: every row attends as before, then the image tokens of the
+    positive rows and of their negative-text rows both get Z+ - alpha * (what the negative row's image tokens
+    read from its text)."""
+    mark_key = _MARK + scope.key
+
     def call(func, *args, **kwargs):
         return previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
 
     def override(func, *args, **kwargs):
         to = kwargs.get("transformer_options") or {}
-        mark = to.get(_MARK)
+        mark = to.get(mark_key)
+        out = call(func, *args, **kwargs)
         if mark is None:
-            return call(func, *args, **kwargs)
-        scope, layer, (start, stop, length) = mark
+            return out
+        layer, (start, stop, length) = mark
         q, k, v = args[:3]
         skip_reshape = kwargs.get("skip_reshape", False)
-        tokens = q.shape[2] if skip_reshape else q.shape[1]
-        out = call(func, *args, **kwargs)
-        if tokens != length:  # SD3.5's second, image-only attention: identical on both rows already
-            return out
-        cou = to["cond_or_uncond"]
-        negative_chunk = to[scope.key]
+        if (q.shape[2] if skip_reshape else q.shape[1]) != length:
+            return out  # SD3.5's second, image-only attention: already identical on both rows
+        cou, negative_chunk = to["cond_or_uncond"], to[scope.key]
         pos = rows.chunk_rows(cou, q.shape[0], {POSITIVE}, device=q.device)
         neg = rows.chunk_rows(cou, q.shape[0], {negative_chunk}, device=q.device)
         if not pos.any() and not neg.any():
@@ -231,27 +235,23 @@ def _steering_override(previous, alpha):
             raise RuntimeError("TrainFree NASA found the positive and the negative-text rows in separate model "
                                "calls (ComfyUI split the batch, for lack of memory or because their inputs "
                                "differ); NASA needs them in one call: lower the batch size or resolution")
-        token_dim = 2 if skip_reshape else 1
-        values = nasa_ops.text_values_only(v[neg], (start, stop), token_dim)
+        values = nasa_ops.text_values_only(v[neg], (start, stop), 2 if skip_reshape else 1)
         neg_kwargs = {**kwargs, "transformer_options": {**to, "cond_or_uncond": [negative_chunk]}}
         mask = kwargs.get("mask")
         if mask is not None and mask.ndim >= 3 and mask.shape[0] == q.shape[0]:
             neg_kwargs["mask"] = mask[neg]
         text_part = func(q[neg], k[neg], values, *args[3:], **neg_kwargs)
-        out_dim = 2 if kwargs.get("skip_output_reshape", False) else 1
-        image = torch.ones(out.shape[out_dim], dtype=torch.bool, device=out.device)
-        image[start:stop] = False
-        steered_out = out.clone()
-        positive_image = out[pos].index_select(out_dim, image.nonzero().flatten())
-        negative_image = text_part.index_select(out_dim, image.nonzero().flatten())
-        steered = nasa_ops.steer(positive_image, negative_image, alpha)
-        index = image.nonzero().flatten()
+        token_dim = 2 if kwargs.get("skip_output_reshape", False) else 1
+        keep = torch.ones(out.shape[token_dim], dtype=torch.bool, device=out.device)
+        keep[start:stop] = False
+        image = keep.nonzero().flatten()
+        steered = nasa_ops.steer(out[pos].index_select(token_dim, image), text_part.index_select(token_dim, image),
+                                 alpha)
+        out = out.clone()
         for sel in (pos, neg):
-            part = steered_out[sel]
-            part.index_copy_(out_dim, index, steered.to(part.dtype))
-            steered_out[sel] = part
+            out[sel] = out[sel].index_copy(token_dim, image, steered.to(out.dtype))
         _count_hit(scope.state, layer)
-        return steered_out
+        return out
 
     return override
 

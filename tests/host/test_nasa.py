@@ -294,3 +294,16 @@ def test_half_precision_models_are_steered_in_their_own_dtype(family, dtype):
     out = sample(nasa(model, negative_of(family)), family, cfg=1.0, steps=2)
     assert torch.isfinite(out).all() and (out - base).abs().max() > 1e-3
     assert torch.equal(sample(nasa(model, negative_of(family), alpha=0.0), family, cfg=1.0, steps=2), base)
+
+
+def test_two_nasa_nodes_compose_each_with_its_own_negative(tiny, family, host):
+    first = negative_of(family, seed=5)
+    second = negative_of(family, seed=9)
+    alone = sample(nasa(tiny(family), first), family, cfg=1.0, steps=2)
+    both_model = nasa(nasa(tiny(family), first), second)
+    counter = ModelCallCounter(both_model)
+    both = sample(both_model, family, cfg=1.0, steps=2)
+    assert torch.isfinite(both).all() and (both - alone).abs().max() > 1e-4
+    reports = [r for k, r in host.run_reports(both_model).items() if "nasa" in k]
+    assert len(reports) == 2 and all(r["layers_hit"] == r["layers"] for r in reports)
+    assert counter.rows == 2 * (1 if family in UNETS else 3)
