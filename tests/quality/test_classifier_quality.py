@@ -3,7 +3,8 @@ engine: on ten held-out real digits (one of each, never trained on; bench.classi
 ten digit-word captions as candidates, it names the true digit far more often than chance (1 in 10).
 
 A cheaper plan than the node's default (timesteps 10, 40; keep 3, 1: 190 model evaluations per image instead of
-1,375) keeps the test short; the default plan's figures are in docs/quality.md.
+1,375) keeps the test short (about 40 s of CPU time); the default plan's figures are in docs/quality.md.
+Measured (ComfyUI 0.33.0): 9 of 10 right (a three read as eight); the bound, 6, leaves three misses of margin.
 """
 import pytest
 
