@@ -3,6 +3,10 @@ weights, CPU, float32), timed round-robin in one process. Target: the math-only 
 per step; guidance interval and residual CFG save unconditional passes (rows per run show how many). NASA runs
 here at the same cfg as CFG, so its column is its own overhead (the negative prompt's attention in every
 cross-attention layer, on the conditional rows); at the cfg 1 it is meant for it also drops CFG's unconditional row.
+GFCG (issue 15) adds one conditional pass per step plus its judge: ``gfcg-prompt`` a Prompt Judge over two class
+prompts at two timesteps (4 judge rows per image and step; the rows grow with classes x timesteps), ``gfcg-oracle``
+the digit oracle on the estimate decoded by the SD1.5 VAE's architecture (random weights) at the latent's size.
+Their class prompts come from a 768-wide, 2-layer CLIP text encoder with random weights (only their shape matters).
 
     python -m bench.guidance_speed [--steps 8] [--repeats 3] [--size 256] [--threads N] [--only apg,fdg] [--json PATH]
 
@@ -22,9 +26,29 @@ def configurations(base):
                     high_parallel_weight=1.0),
         "interval": node("TrainFreeGuidanceInterval", sigma_low=0.28, sigma_high=5.42),
         "residual-1x": node("TrainFreeResidualCFG", mode="one-time negative", delta=1.0),
+        **gfcg_configurations(node),
         "nasa": node("TrainFreeNASA", negative=[[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(7)),
                                                  {}]], alpha=0.1, start_percent=0.0, end_percent=1.0),
     }
+
+
+def gfcg_configurations(node):
+    import comfy.sd
+    import torch
+    from bench.timing import make_sd_vae
+    from harness import tiny_models
+    config = {**tiny_models._CLIP_CONFIG, "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
+              "projection_dim": 768}
+    clip = comfy.sd.CLIP(target=tiny_models.clip_target(config), model_options={"dtype": torch.float32})
+    tiny_models.init_fan_in(clip.cond_stage_model, 0)
+    classes = "a photo of a cat\na photo of a dog"
+    import nodes
+    prompt_judge = nodes.NODE_CLASS_MAPPINGS["TrainFreePromptJudge"]().make(clip, classes, 2, 0)[0]
+    oracle = nodes.NODE_CLASS_MAPPINGS["TrainFreeDigitOracleJudge"]().make()[0]
+    common = dict(clip=clip, target_class="1", scale=2.0, start_percent=0.0, end_percent=1.0)
+    digits = "\n".join(f"a digit {label}" for label in oracle.labels)
+    return {"gfcg-prompt": node("TrainFreeGFCG", judge=prompt_judge, class_prompts=classes, **common),
+            "gfcg-oracle": node("TrainFreeGFCG", judge=oracle, vae=make_sd_vae(), class_prompts=digits, **common)}
 
 
 def main():
