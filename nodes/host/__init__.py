@@ -12,6 +12,8 @@
 - ``sampling_loop``: the pack's own sampling loops run inside ComfyUI's guider (inversion and its replay);
 - ``samplers``: the pack's own samplers (CFG++, momentum) as SAMPLER objects;
 - ``classifier``: the Diffusion Classifier's denoising errors per candidate prompt;
+- ``clip_judge``: CLIP as a judge (a CLIP vision model's image embeddings against a CLIP's projected text
+  embeddings);
 - ``cascade``: sampling in stages of growing resolution (FreCaS) as a SAMPLER;
 - ``feature_cache``: features kept across sampling steps and reused (DeepCache on UNets, block caching on DiTs);
 - ``gradients``: gradients through the model despite ComfyUI's inference mode (null-text inversion);
@@ -26,6 +28,7 @@ between ComfyUI versions are found by feature probes (listed by ``probes()``), n
 modules use this package and ``guidance_ops``, nothing else.
 """
 from .classifier import denoising_errors, timestep_sigmas
+from .clip_judge import clip_judge_from
 from .cascade import Plan as CascadePlan
 from .cascade import cascade_sampler, cascade_sigmas
 from .attention import FLUX_STATES_IMG_SLICE, HAS_ATTENTION_OVERRIDE, perturb_self_attention
