@@ -136,8 +136,8 @@ _CLIP_VISION_CONFIG = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "
 
 def make_clip_vision(seed=0, **config):
     """A comfy.clip_vision.ClipVisionModel (CLIP ViT, 32x32 input, 8x8 patches) whose image embeddings have the tiny
-    text encoder's width unless ``config`` says otherwise. Built from a json config as CLIPVisionLoader does (some
-    ComfyUI versions take only a file name)."""
+    text encoder's width unless ``config`` says otherwise (``projection_dim=None``: no projection). Built from a json
+    config as CLIPVisionLoader does (some ComfyUI versions take only a file name)."""
     import json
     import tempfile
 
@@ -145,7 +145,7 @@ def make_clip_vision(seed=0, **config):
     with tempfile.TemporaryDirectory() as folder:
         path = f"{folder}/clip_vision_tiny.json"
         with open(path, "w") as f:
-            json.dump({**_CLIP_VISION_CONFIG, **config}, f)
+            json.dump({k: v for k, v in {**_CLIP_VISION_CONFIG, **config}.items() if v is not None}, f)
         clip_vision = comfy.clip_vision.ClipVisionModel(path)
     init_fan_in(clip_vision.model, seed)
     return clip_vision
