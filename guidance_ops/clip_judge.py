@@ -3,10 +3,12 @@ image is the log-softmax, over the prompts, of CLIP's logit scale times the cosi
 the prompt's projected text embedding."""
 import torch
 
+from .judges import Judge
+
 MAX_LOGIT_SCALE = 100.0  # CLIP clamps its learnt temperature exp(logit_scale) at 100 during training
 
 
-class CLIPJudge:
+class CLIPJudge(Judge):
     """Judges images by CLIP zero-shot classification over ``labels`` (the prompts). ``encode_image`` maps pixels
     [B, 3, H, W] in 0..1 to image embeddings [B, D]; ``text_embeds`` [K, D] are the prompts' projected text
     embeddings, in the same space."""

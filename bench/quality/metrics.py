@@ -2,21 +2,9 @@
 import torch
 import torch.nn.functional as F
 
+from guidance_ops.digit_oracle import border_colour, ink_map  # noqa: F401 (shared with the oracle)
+
 CLIP_EPS = 1.0 / 255
-
-
-def border_colour(images, width=4):
-    """Per-image background estimate: the median colour of the outer ``width`` pixels."""
-    n, c, h, w = images.shape
-    mask = torch.ones(h, w, dtype=torch.bool)
-    mask[width:h - width, width:w - width] = False
-    return images[:, :, mask].median(dim=2).values
-
-
-def ink_map(images):
-    """How far each pixel is from the image's background colour, scaled to 0..1 per image: ``[N, 1, H, W]``."""
-    distance = (images - border_colour(images)[:, :, None, None]).norm(dim=1, keepdim=True)
-    return distance / distance.flatten(1).amax(1).clamp_min(1e-6)[:, None, None, None]
 
 
 def foreground_colour(images, threshold=0.5):

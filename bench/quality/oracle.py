@@ -4,49 +4,10 @@ off a generated image, and whose penultimate features give the Fréchet distance
 It sees the image's ink map (distance from the background colour), so colour and background do not matter.
 Train once, deterministically: ``python -m bench.quality.oracle`` (about a minute on a CPU).
 """
-import os
-
 import torch
 import torch.nn.functional as F
 
-from bench.quality.metrics import ink_map
-
-WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "oracle.safetensors")
-SIDE = 32
-
-
-class DigitOracle(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.convs = torch.nn.ModuleList([torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.Conv2d(16, 32, 3, padding=1),
-                                          torch.nn.Conv2d(32, 64, 3, padding=1)])
-        self.features = torch.nn.Linear(64 * 4 * 4, 64)
-        self.head = torch.nn.Linear(64, 10)
-
-    @staticmethod
-    def prepare(images):
-        return F.interpolate(ink_map(images), size=(SIDE, SIDE), mode="area")
-
-    def embed_prepared(self, x):
-        for conv in self.convs:
-            x = F.max_pool2d(F.relu(conv(x)), 2)
-        return F.relu(self.features(x.flatten(1)))
-
-    def classify_prepared(self, x):
-        return self.head(self.embed_prepared(x))
-
-    def embed(self, images):
-        return self.embed_prepared(self.prepare(images))
-
-    def forward(self, images):
-        return self.classify_prepared(self.prepare(images))
-
-
-def load():
-    from safetensors.torch import load_file
-    oracle = DigitOracle()
-    oracle.load_state_dict(load_file(WEIGHTS))
-    return oracle.eval()
+from guidance_ops.digit_oracle import SIDE, WEIGHTS, DigitOracle, load  # noqa: F401 (the benches' import point)
 
 
 def _augment(images, g):

@@ -12,6 +12,8 @@
 - ``sampling_loop``: the pack's own sampling loops run inside ComfyUI's guider (inversion and its replay);
 - ``samplers``: the pack's own samplers (CFG++, momentum) as SAMPLER objects;
 - ``classifier``: the Diffusion Classifier's denoising errors per candidate prompt;
+- ``judging``: judges read inside a sampling run (a clean estimate decoded for an image classifier, or
+  denoised under each of a prompt judge's prompts), and one more prompt's prediction;
 - ``clip_judge``: CLIP as a judge (a CLIP vision model's image embeddings against a CLIP's projected text
   embeddings);
 - ``cascade``: sampling in stages of growing resolution (FreCaS) as a SAMPLER;
@@ -28,6 +30,7 @@ between ComfyUI versions are found by feature probes (listed by ``probes()``), n
 modules use this package and ``guidance_ops``, nothing else.
 """
 from .classifier import denoising_errors, timestep_sigmas
+from .judging import judge_log_probs, predict_prompt, prepare_judge, prepare_prompts
 from .clip_judge import clip_judge_from
 from .cascade import Plan as CascadePlan
 from .cascade import cascade_sampler, cascade_sigmas

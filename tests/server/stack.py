@@ -2,11 +2,12 @@
 followed by every inversion node (inversion, null-text, prompt-to-prompt, save / load, sampling, FlowOpt on the
 Flux-class model, whose sampler runs through the DiT block cache), a FreCaS cascade on the stacked model, and the
 cache schedule nodes (a schedule searched, and one loaded, each sampled through DeepCache), the pack's samplers,
-LinearAG (calibrated, then sampled with the calibration) and the Diffusion Classifier (on the sampled image).
+LinearAG (calibrated, then sampled with the calibration), the Diffusion Classifier (on the sampled image) and
+GFCG steered by each judge.
 
 The patches and their settings come from the server's /object_info (defaults), so a new MODEL -> MODEL node joins
 the stack, and the bad-input table, by itself. A second model input (guide, weak model) gets a second copy of the
-reference model.
+reference model; a required CLIP the reference model's, a required CONDITIONING the stack's negative prompt.
 """
 REFERENCE = {"class_type": "TrainFreeReferenceModel", "inputs": {"model_file": "trainfree_digits.safetensors"}}
 # Settings other than the defaults, where the default would leave the patch idle in a short run.
@@ -26,11 +27,12 @@ CACHE_NODES = ("TrainFreeCacheScheduleSearch", "TrainFreeLoadCacheSchedule")
 SAMPLER_NODES = ("TrainFreeCFGPPSampler", "TrainFreeMomentumSampler")
 LINEAR_AG_NODES = ("TrainFreeLinearAGCalibrate",) + CALIBRATED_PATCHES
 CLASSIFIER_NODES = ("TrainFreeDiffusionClassifier",)
+JUDGE_NODES = ("TrainFreeDigitOracleJudge", "TrainFreePromptJudge")
 # the nodes the chains ``inversion=True`` adds hold
 CHAIN_NODES = (INVERSION_NODES + ("TrainFreeFreCaS",) + DIT_PATCHES + CACHE_NODES + SAMPLER_NODES + LINEAR_AG_NODES
-               + CLASSIFIER_NODES)
+               + CLASSIFIER_NODES + JUDGE_NODES)
 # the decoded images of those chains (and the classifier's chart)
-CHAIN_IMAGES = ("87", "88", "79", "65", "56", "57", "38", "39", "34", "26")
+CHAIN_IMAGES = ("87", "88", "79", "65", "56", "57", "38", "39", "34", "26", "105")
 CHAIN_IMAGE_SLOTS = {"26": 2}  # output slots of those images other than 0: the classifier's chart
 
 
@@ -48,6 +50,10 @@ def patch_inputs(object_info, name):
             kind, options = spec[0], spec[1] if len(spec) > 1 else {}
             if kind == "MODEL":
                 inputs[input_name] = ["2", 0]
+            elif section == "required" and kind == "CLIP":
+                inputs[input_name] = ["1", 1]
+            elif section == "required" and kind == "CONDITIONING":
+                inputs[input_name] = ["91", 0]  # the stack's negative prompt
             elif isinstance(kind, list):
                 inputs[input_name] = options.get("default", kind[0])
             elif "default" in options:
@@ -81,6 +87,7 @@ def stack_prompt(object_info, patches=None, width=128, height=128, batch=1, step
         prompt.update(sampler_chain(object_info, model, steps))
         prompt.update(linear_ag_chain(caption, steps))
         prompt.update(classifier_chain(caption))
+        prompt.update(judge_chain(caption, steps))
     return {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in prompt.items()}
 
 
@@ -258,4 +265,29 @@ def classifier_chain(caption):
             "timesteps_per_stage": "2, 4", "keep_per_stage": "2, 1", "seed": 0, "batch_size": 4,
             "image": ["25", 0], "vae": ["1", 2]}},
         "27": {"class_type": "SaveImage", "inputs": {"images": ["26", 2], "filename_prefix": "trainfree_classifier"}},
+    }
+
+
+def judge_chain(caption, steps):
+    """GFCG steered by the digit oracle (reading the VAE-decoded estimates; the ten digits as classes), then by a
+    prompt judge (the caption against another digit), on the reference model; decoded as node "105"."""
+    words = caption.split()
+    digits = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+    classes = [" ".join(words[:3] + [d] + words[4:]) for d in digits]
+    rival = classes[5] if words[3] != "five" else classes[6]
+    return {
+        "100": {"class_type": "TrainFreeDigitOracleJudge", "inputs": {}},
+        "101": {"class_type": "TrainFreeGFCG", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "class_prompts": "\n".join(classes), "target_class": words[3],
+            "scale": 2.0, "start_percent": 0.0, "end_percent": 1.0, "judge": ["100", 0], "vae": ["1", 2]}},
+        "102": {"class_type": "TrainFreePromptJudge", "inputs": {"clip": ["1", 1], "prompts": f"{caption}\n{rival}",
+                                                                 "timesteps": 2, "seed": 0}},
+        "103": {"class_type": "TrainFreeGFCG", "inputs": {
+            "model": ["101", 0], "clip": ["1", 1], "class_prompts": f"{caption}\n{rival}", "target_class": "1",
+            "scale": 2.0, "start_percent": 0.0, "end_percent": 1.0, "judge": ["102", 0]}},
+        "104": {"class_type": "KSampler", "inputs": {
+            "model": ["103", 0], "seed": 4, "steps": steps, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+            "positive": ["90", 0], "negative": ["91", 0], "latent_image": ["92", 0], "denoise": 1.0}},
+        "105": {"class_type": "VAEDecode", "inputs": {"samples": ["104", 0], "vae": ["1", 2]}},
+        "106": {"class_type": "SaveImage", "inputs": {"images": ["105", 0], "filename_prefix": "trainfree_gfcg"}},
     }

@@ -64,6 +64,9 @@ def _cases(object_info):
            {"keep_per_stage": "2, 2"}, "execution", "keep")
     yield ("classifier-one-candidate", "TrainFreeDiffusionClassifier", {"candidates": "a digit"}, "execution",
            "candidate")
+    yield ("gfcg-target-names-no-class", "TrainFreeGFCG", {"target_class": "a purple nine"}, "execution",
+           "target_class")
+    yield ("prompt-judge-one-prompt", "TrainFreePromptJudge", {"prompts": "a digit"}, "execution", "prompts")
     yield ("p2p-source-text-differs", "TrainFreePromptToPrompt", {"source_text": "a digit"}, "execution",
            "source_text")
 
