@@ -24,7 +24,8 @@ NEUTRAL = {"TrainFreePAG": {"scale": 0.0},
            # every step in full; a connected schedule (loaded or searched) is disconnected (None: input removed)
            "TrainFreeDeepCache": {"cache_interval": 1, "schedule": "uniform", "cache_schedule": None},
            "TrainFreeBlockCache": {"cache_interval": 1, "schedule": "uniform", "cache_schedule": None},
-           "TrainFreeAdaptiveGuidance": {"threshold": 1.0}}
+           "TrainFreeAdaptiveGuidance": {"threshold": 1.0},
+           "TrainFreeGFCG": {"scale": 0.0}}
 _CollectLatent, _latents = collect.collector("samples", "LATENT", take=lambda samples: samples["samples"])
 # Patches with no neutral setting that save model evaluations instead: the workflow's samplers push fewer batch
 # rows through the model than with the patch bypassed.
@@ -178,7 +179,8 @@ def has_patch(path):
     return any(n["type"] in ("TrainFreePAG", "TrainFreeAPG", "TrainFreeFDG", "TrainFreeGuidanceInterval",
                              "TrainFreeNoiseDampedCFG", "TrainFreeResidualCFG", "TrainFreeTwoModelGuidance",
                              "TrainFreeScaleCrafter", "TrainFreeDeepCache", "TrainFreeBlockCache",
-                             "TrainFreeAdaptiveGuidance", "TrainFreeLinearAG")
+                             "TrainFreeAdaptiveGuidance", "TrainFreeLinearAG", "TrainFreeGFCG", "TrainFreeNASA",
+                             "TrainFreeDynamicCFG")
                for n in json.load(open(path))["nodes"])
 
 
