@@ -1,6 +1,8 @@
 """Seconds per sampling step of the guidance patches against plain CFG on the full-size SD1.5 UNet (random
 weights, CPU, float32), timed round-robin in one process. Target: the math-only patches (APG, FDG) cost under 3%
-per step; guidance interval and residual CFG save unconditional passes (rows per run show how many).
+per step; guidance interval and residual CFG save unconditional passes (rows per run show how many). NASA runs
+here at the same cfg as CFG, so its column is its own overhead (the negative prompt's attention in every
+cross-attention layer, on the conditional rows); at the cfg 1 it is meant for it also drops CFG's unconditional row.
 
     python -m bench.guidance_speed [--steps 8] [--repeats 3] [--size 256] [--threads N] [--only apg,fdg] [--json PATH]
 
@@ -10,6 +12,7 @@ from bench.timing import paired_ratio, round_robin, save, select, setup
 
 
 def configurations(base):
+    import torch
     import nodes
     node = lambda name, **kw: getattr(nodes.NODE_CLASS_MAPPINGS[name](), "patch")(base, **kw)[0]  # noqa: E731
     return {
@@ -19,6 +22,8 @@ def configurations(base):
                     high_parallel_weight=1.0),
         "interval": node("TrainFreeGuidanceInterval", sigma_low=0.28, sigma_high=5.42),
         "residual-1x": node("TrainFreeResidualCFG", mode="one-time negative", delta=1.0),
+        "nasa": node("TrainFreeNASA", negative=[[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(7)),
+                                                 {}]], alpha=0.1, start_percent=0.0, end_percent=1.0),
     }
 
 

@@ -6,6 +6,8 @@
   extra conditional pass);
 - ``attention``: perturbed self-attention on UNets and DiTs;
 - ``cross_attention``: Prompt-to-Prompt's attention control (source maps injected into a target branch);
+- ``negative_attention``: cross-attention that also reads a negative prompt and steers away from it (NASA; on
+  DiTs through one more batch row carrying the negative text);
 - ``convolution``: UNet convolutions wrapped through object patches and run re-dilated per evaluation
   (ScaleCrafter);
 - ``building``: models built from ComfyUI's own classes (the reference models);
@@ -42,6 +44,8 @@ from .feature_cache import cache_scope, dit_blocks, unit_shares, install_block_c
 from .feature_cache import report as cache_report
 from .cross_attention import (PromptToPromptController, encode_text, install_prompt_to_prompt, prompt_token_ids,
                               word_token_ids)
+from .negative_attention import (count_evaluations, cross_attention_modules, cross_attention_sites, context_width,
+                                 joint_attention_layers, steer_cross_attention)
 from .evaluation import (add_extra_cond_pass, add_guidance_delta, add_post_cfg, add_run_conditioning, attach_model,
                          override_cfg_per_evaluation, predict_with, process_latent_in, replace_uncond_with_guide,
                          run_conditioning, uncond_pass_runs)

@@ -123,18 +123,18 @@ def _perturb_dit(model, layers, scope, keep_text):
     replace = options.setdefault("patches_replace", {}).setdefault("dit", {})
     for kind, block, _ in layers:
         target = (f"{kind}_block", block)
-        text_of = _text_position(net, kind, block) if keep_text else None
+        text_of = text_position(net, kind, block) if keep_text else None
         replace[target] = _dit_block_link(replace.get(target), (kind, block, None), scope, text_of)
     if (keep_text and not FLUX_STATES_IMG_SLICE and any(kind == "single" for kind, _, _ in layers)
             and len(getattr(net, "double_blocks", ()))):
         target = ("double_block", len(net.double_blocks) - 1)
-        replace[target] = _text_length_link(replace.get(target))
+        replace[target] = text_length_link(replace.get(target))
     override = options.get("optimized_attention_override")
     if not getattr(override, "trainfree_identity", False):
         options["optimized_attention_override"] = _perturbed_attention_override(override)
 
 
-def _text_position(net, kind, block):
+def text_position(net, kind, block):
     """``text_of(args)`` -> (start, stop, length) of the text tokens in the block's joint attention, read from
     what the model hands the block. SD3 and Flux double blocks put the text first (unless a Flux-style block
     says ``flipped_img_txt``); Flux single blocks run on the concatenated text + image sequence."""
@@ -161,7 +161,7 @@ def _text_position(net, kind, block):
     return double
 
 
-def _text_length_link(previous):
+def text_length_link(previous):
     """Note Flux's text length in the call's transformer_options, where the single blocks that follow find it
     (ComfyUI versions that do not state ``img_slice`` pass the text to the double blocks only)."""
     def block_fn(args, extra):
@@ -203,7 +203,7 @@ def _perturbed_attention_override(previous):
         tokens = q.shape[2] if kwargs.get("skip_reshape", False) else q.shape[1]
         groups, scopes = {}, {}  # where the text sits in this call (None: identity attention) -> chunks, a scope
         for mark in marks:
-            text = _text_in_call(mark, tokens)
+            text = text_in_call(mark, tokens)
             groups.setdefault(text, set()).add(mark.chunk)
             scopes.setdefault(text, mark.scope)
         perturbed = set().union(*groups.values())
@@ -232,7 +232,7 @@ def _perturbed_attention_override(previous):
     return override
 
 
-def _text_in_call(mark, tokens):
+def text_in_call(mark, tokens):
     """Where the text sits in this attention call, or None when the call gets identity attention as a whole:
     the mark asks for the whole sequence, or the call attends over the block's image tokens alone (SD3.5's
     second, image-only attention)."""

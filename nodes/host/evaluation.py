@@ -164,8 +164,9 @@ def _take_main_evaluation(scope):
 
 # ---------------------------------------------------------------- extra conditional pass
 
-def add_extra_cond_pass(model, scope, wanted):
-    """Batch one more copy of the positive conditioning into ComfyUI's own cond/uncond model call.
+def add_extra_cond_pass(model, scope, wanted, extra_conds=None):
+    """Batch one more copy of the positive conditioning (or ``extra_conds(state, positive_conds)``, a
+    conditioning made from it) into ComfyUI's own cond/uncond model call.
 
     Only the sampler's main evaluation is extended (the first cond batch after each PREDICT_NOISE), never the
     extra passes other patches make. ``wanted(state, sigma)`` decides per evaluation; when it says yes,
@@ -182,7 +183,8 @@ def add_extra_cond_pass(model, scope, wanted):
             return executor(model_, conds, x_in, timestep, model_options)
         options = dict(model_options)
         options["transformer_options"] = {**model_options.get("transformer_options", {}), key: len(conds)}
-        out = executor(model_, list(conds) + [conds[0]], x_in, timestep, options)
+        extra = conds[0] if extra_conds is None else extra_conds(state, conds[0])
+        out = executor(model_, list(conds) + [extra], x_in, timestep, options)
         state.extra_output = out[-1]
         state.extra_passes += 1
         return out[:-1]
