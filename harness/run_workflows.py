@@ -22,7 +22,7 @@ from harness.workflow_api import ui_to_api
 WORKFLOWS = os.path.join(comfy_host.PACK_DIR, "workflows")
 LOADERS = {"CheckpointLoaderSimple": "HarnessTinyCheckpoint", "UNETLoader": "HarnessTinyModel",
            "CLIPLoader": "HarnessTinyCLIP", "DualCLIPLoader": "HarnessTinyCLIP", "TripleCLIPLoader": "HarnessTinyCLIP",
-           "VAELoader": "HarnessTinyVAE"}
+           "VAELoader": "HarnessTinyVAE", "CLIPVisionLoader": "HarnessTinyCLIPVision"}
 LATENT_NODES = ("EmptyLatentImage", "EmptySD3LatentImage")
 SAMPLER_NODES = ("KSampler", "KSamplerAdvanced")
 SCHEDULER_NODES = ("BasicScheduler",)  # an inversion's schedule: its steps are capped like a sampler's
@@ -54,7 +54,8 @@ class _TinyLoader:
     def load(self, family, variant=""):
         seed = zlib.crc32(variant.encode()) % 1000  # different files in a workflow stay different models
         made = {"MODEL": lambda: tiny_models.make_model(family, seed), "CLIP": tiny_models.make_clip,
-                "VAE": lambda: tiny_models.make_vae(tiny_models.LATENT_CHANNELS[family])}
+                "VAE": lambda: tiny_models.make_vae(tiny_models.LATENT_CHANNELS[family]),
+                "CLIP_VISION": lambda: tiny_models.make_clip_vision(seed)}
         return tuple(made[kind]() for kind in self.RETURN_TYPES)
 
 
@@ -62,8 +63,29 @@ def _loader(name, outputs):
     return name, type(name, (_TinyLoader,), {"RETURN_TYPES": outputs})
 
 
+class HarnessReferenceCLIPVision:
+    """The reference models have no CLIP vision partner: an untrained tiny CLIP ViT whose image embeddings have the
+    width of the reference CLIP's text projection, so that a CLIP judge workflow runs (its judgements are noise)."""
+    CATEGORY = "harness"
+    FUNCTION = "load"
+    RETURN_TYPES = ("CLIP_VISION",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (sorted(REFERENCE_FILES),)}}
+
+    def load(self, family):
+        reference = comfy_host.pack_module("nodes.reference_model").TrainFreeReferenceModel()
+        clip = reference.load(REFERENCE_FILES[family])[1]
+        width = next(m.text_projection.weight.shape[0] for m in clip.cond_stage_model.modules()
+                     if hasattr(m, "text_projection"))
+        return (tiny_models.make_clip_vision(projection_dim=width),)
+
+
 HARNESS_NODES = dict([_loader("HarnessTinyCheckpoint", ("MODEL", "CLIP", "VAE")), _loader("HarnessTinyModel", ("MODEL",)),
                       _loader("HarnessTinyCLIP", ("CLIP",)), _loader("HarnessTinyVAE", ("VAE",)),
+                      _loader("HarnessTinyCLIPVision", ("CLIP_VISION",)),
+                      ("HarnessReferenceCLIPVision", HarnessReferenceCLIPVision),
                       ("HarnessLeakProbe", leak_probe.HarnessLeakProbe)])
 
 
@@ -230,7 +252,10 @@ def reference_workflow(workflow, steps=6, batch=1, caption=DIGIT_CAPTION, seed=N
     steps_fixed = any(n["type"] in SCHEDULE_LOADERS for n in workflow["nodes"])
     for node in workflow["nodes"]:
         kind = node["type"]
-        if kind in LOADER_OUTPUTS:
+        if kind == "CLIPVisionLoader":  # no reference CLIP vision model: an untrained stand-in of matching width
+            node.update(type="HarnessReferenceCLIPVision", widgets_values=[family])
+            node.setdefault("properties", {})["Node name for S&R"] = node["type"]
+        elif kind in LOADER_OUTPUTS:
             slots = [REFERENCE_OUTPUTS.index(k) for k in LOADER_OUTPUTS[kind]]
             moved[node["id"]] = slots
             outputs = [{"name": k, "type": k, "links": [], "slot_index": i} for i, k in enumerate(REFERENCE_OUTPUTS)]

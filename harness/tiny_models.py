@@ -126,3 +126,26 @@ def conditioning(family, batch=1, tokens=8, seed=0, scale=1.0):
     if family == "flux":
         extra["guidance"] = 3.5
     return [[cross, extra]]
+
+
+_CLIP_VISION_CONFIG = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 32,
+                       "image_size": 32, "intermediate_size": 64, "layer_norm_eps": 1e-05,
+                       "model_type": "clip_vision_model", "num_attention_heads": 2, "num_channels": 3,
+                       "num_hidden_layers": 2, "patch_size": 8, "projection_dim": WIDTH, "torch_dtype": "float32"}
+
+
+def make_clip_vision(seed=0, **config):
+    """A comfy.clip_vision.ClipVisionModel (CLIP ViT, 32x32 input, 8x8 patches) whose image embeddings have the tiny
+    text encoder's width unless ``config`` says otherwise (``projection_dim=None``: no projection). Built from a json
+    config as CLIPVisionLoader does (some ComfyUI versions take only a file name)."""
+    import json
+    import tempfile
+
+    import comfy.clip_vision
+    with tempfile.TemporaryDirectory() as folder:
+        path = f"{folder}/clip_vision_tiny.json"
+        with open(path, "w") as f:
+            json.dump({k: v for k, v in {**_CLIP_VISION_CONFIG, **config}.items() if v is not None}, f)
+        clip_vision = comfy.clip_vision.ClipVisionModel(path)
+    init_fan_in(clip_vision.model, seed)
+    return clip_vision

@@ -16,6 +16,8 @@
 - ``classifier``: the Diffusion Classifier's denoising errors per candidate prompt;
 - ``judging``: judges read inside a sampling run (a clean estimate decoded for an image classifier, or
   denoised under each of a prompt judge's prompts), and one more prompt's prediction;
+- ``clip_judge``: CLIP as a judge (a CLIP vision model's image embeddings against a CLIP's projected text
+  embeddings);
 - ``cascade``: sampling in stages of growing resolution (FreCaS) as a SAMPLER;
 - ``feature_cache``: features kept across sampling steps and reused (DeepCache on UNets, block caching on DiTs);
 - ``gradients``: gradients through the model despite ComfyUI's inference mode (null-text inversion);
@@ -31,6 +33,7 @@ modules use this package and ``guidance_ops``, nothing else.
 """
 from .classifier import denoising_errors, timestep_sigmas
 from .judging import judge_log_probs, predict_prompt, prepare_judge, prepare_prompts
+from .clip_judge import clip_judge_from
 from .cascade import Plan as CascadePlan
 from .cascade import cascade_sampler, cascade_sigmas
 from .attention import FLUX_STATES_IMG_SLICE, HAS_ATTENTION_OVERRIDE, perturb_self_attention

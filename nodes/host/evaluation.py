@@ -10,19 +10,21 @@ def add_post_cfg(model, fn):
     model.set_model_sampler_post_cfg_function(fn)
 
 
-def add_guidance_delta(model, technique, needs_uncond):
+def add_guidance_delta(model, technique, needs_uncond, with_options=False):
     """Register a guidance technique that replaces plain CFG's combination of the two denoised predictions.
 
     ``technique(cond, uncond, scale, sigma, x)`` returns the technique's denoised prediction; the patch adds its
     difference from plain CFG to whatever the sampler has so far, so patches before and after it still act.
-    With ``needs_uncond`` the unconditional pass also runs at cfg 1 (the technique has its own scales).
+    With ``needs_uncond`` the unconditional pass also runs at cfg 1 (the technique has its own scales). With
+    ``with_options`` the technique also gets the evaluation's model_options (to make model calls of its own).
     """
     def post_cfg(args):
         if args["uncond"] is None or args["model_options"].get(_GUIDANCE_OFF):
             return args["denoised"]  # no unconditional prediction, or a patch turned guidance off here
         cond, uncond, scale = args["cond_denoised"], args["uncond_denoised"], args["cond_scale"]
         plain = uncond + (cond - uncond) * scale
-        return args["denoised"] + (technique(cond, uncond, scale, args["sigma"], args["input"]) - plain)
+        extra = (args["model_options"],) if with_options else ()
+        return args["denoised"] + (technique(cond, uncond, scale, args["sigma"], args["input"], *extra) - plain)
     guard_latent(model)
     model.set_model_sampler_post_cfg_function(post_cfg, disable_cfg1_optimization=needs_uncond)
 

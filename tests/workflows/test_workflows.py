@@ -26,6 +26,7 @@ NEUTRAL = {"TrainFreePAG": {"scale": 0.0},
            "TrainFreeBlockCache": {"cache_interval": 1, "schedule": "uniform", "cache_schedule": None},
            "TrainFreeAdaptiveGuidance": {"threshold": 1.0},
            "TrainFreeGFCG": {"scale": 0.0},
+           "TrainFreeDynamicCFG": {"start_percent": 1.0, "end_percent": 1.0},
            "TrainFreeNASA": {"alpha": 0.0}}
 _CollectLatent, _latents = collect.collector("samples", "LATENT", take=lambda samples: samples["samples"])
 # Patches with no neutral setting that save model evaluations instead: the workflow's samplers push fewer batch
