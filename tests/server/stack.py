@@ -7,7 +7,8 @@ GFCG steered by each judge.
 
 The patches and their settings come from the server's /object_info (defaults), so a new MODEL -> MODEL node joins
 the stack, and the bad-input table, by itself. A second model input (guide, weak model) gets a second copy of the
-reference model; a required CLIP the reference model's, a required CONDITIONING the stack's negative prompt.
+reference model; a required CLIP the reference model's, a required CONDITIONING the stack's negative prompt, a
+required judge a prompt judge over the caption and another digit.
 """
 REFERENCE = {"class_type": "TrainFreeReferenceModel", "inputs": {"model_file": "trainfree_digits.safetensors"}}
 # Settings other than the defaults, where the default would leave the patch idle in a short run.
@@ -27,7 +28,7 @@ CACHE_NODES = ("TrainFreeCacheScheduleSearch", "TrainFreeLoadCacheSchedule")
 SAMPLER_NODES = ("TrainFreeCFGPPSampler", "TrainFreeMomentumSampler")
 LINEAR_AG_NODES = ("TrainFreeLinearAGCalibrate",) + CALIBRATED_PATCHES
 CLASSIFIER_NODES = ("TrainFreeDiffusionClassifier",)
-JUDGE_NODES = ("TrainFreeDigitOracleJudge", "TrainFreePromptJudge")
+JUDGE_NODES = ("TrainFreeDigitOracleJudge", "TrainFreePromptJudge", "TrainFreeCLIPJudge")
 # the nodes the chains ``inversion=True`` adds hold
 CHAIN_NODES = (INVERSION_NODES + ("TrainFreeFreCaS",) + DIT_PATCHES + CACHE_NODES + SAMPLER_NODES + LINEAR_AG_NODES
                + CLASSIFIER_NODES + JUDGE_NODES)
@@ -54,6 +55,8 @@ def patch_inputs(object_info, name):
                 inputs[input_name] = ["1", 1]
             elif section == "required" and kind == "CONDITIONING":
                 inputs[input_name] = ["91", 0]  # the stack's negative prompt
+            elif section == "required" and kind == "TRAINFREE_JUDGE":
+                inputs[input_name] = ["99", 0]  # the stack's prompt judge (reads the model: needs no vae)
             elif isinstance(kind, list):
                 inputs[input_name] = options.get("default", kind[0])
             elif "default" in options:
@@ -78,6 +81,9 @@ def stack_prompt(object_info, patches=None, width=128, height=128, batch=1, step
             "positive": ["90", 0], "negative": ["91", 0], "latent_image": ["92", 0], "denoise": 1.0}},
         "94": {"class_type": "VAEDecode", "inputs": {"samples": ["93", 0], "vae": ["1", 2]}},
         "95": {"class_type": "SaveImage", "inputs": {"images": ["94", 0], "filename_prefix": "trainfree_stack"}},
+        "99": {"class_type": "TrainFreePromptJudge", "inputs": {
+            "clip": ["1", 1], "prompts": f"{caption}\n{caption.replace(caption.split()[3], 'five', 1)}",
+            "timesteps": 2, "seed": 0}},
     })
     if inversion:
         prompt.update(inversion_chain(model, caption, steps))
@@ -270,7 +276,9 @@ def classifier_chain(caption):
 
 def judge_chain(caption, steps):
     """GFCG steered by the digit oracle (reading the VAE-decoded estimates; the ten digits as classes), then by a
-    prompt judge (the caption against another digit), on the reference model; decoded as node "105"."""
+    prompt judge (the caption against another digit), then dynamic CFG judged by the oracle and a CLIP judge (an
+    untrained stand-in CLIP vision model: the reference models have none), on the reference model; decoded as
+    node "105"."""
     words = caption.split()
     digits = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
     classes = [" ".join(words[:3] + [d] + words[4:]) for d in digits]
@@ -285,8 +293,15 @@ def judge_chain(caption, steps):
         "103": {"class_type": "TrainFreeGFCG", "inputs": {
             "model": ["101", 0], "clip": ["1", 1], "class_prompts": f"{caption}\n{rival}", "target_class": "1",
             "scale": 2.0, "start_percent": 0.0, "end_percent": 1.0, "judge": ["102", 0]}},
+        "107": {"class_type": "HarnessReferenceCLIPVision", "inputs": {"family": "sd15"}},
+        "108": {"class_type": "TrainFreeCLIPJudge", "inputs": {"clip_vision": ["107", 0], "clip": ["1", 1],
+                                                               "prompts": f"{caption}\na blurry image"}},
+        "109": {"class_type": "TrainFreeDynamicCFG", "inputs": {
+            "model": ["103", 0], "candidate_scales": "1, 3, 5", "judge": ["100", 0], "target": words[3], "weight": 1.0,
+            "start_percent": 0.0, "end_percent": 1.0, "judge_2": ["108", 0], "target_2": "1", "weight_2": 0.5,
+            "vae": ["1", 2]}},
         "104": {"class_type": "KSampler", "inputs": {
-            "model": ["103", 0], "seed": 4, "steps": steps, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+            "model": ["109", 0], "seed": 4, "steps": steps, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
             "positive": ["90", 0], "negative": ["91", 0], "latent_image": ["92", 0], "denoise": 1.0}},
         "105": {"class_type": "VAEDecode", "inputs": {"samples": ["104", 0], "vae": ["1", 2]}},
         "106": {"class_type": "SaveImage", "inputs": {"images": ["105", 0], "filename_prefix": "trainfree_gfcg"}},
