@@ -6,6 +6,8 @@ cross-attention layer, on the conditional rows); at the cfg 1 it is meant for it
 GFCG (issue 15) adds one conditional pass per step plus its judge: ``gfcg-prompt`` a Prompt Judge over two class
 prompts at two timesteps (4 judge rows per image and step; the rows grow with classes x timesteps), ``gfcg-oracle``
 the digit oracle on the estimate decoded by the SD1.5 VAE's architecture (random weights) at the latent's size.
+Dynamic CFG (issue 15) runs no extra model pass; ``dynamic-cfg`` judges its 5 candidate scales' estimates with the
+digit oracle after that VAE, so its cost is 5 decodes per step.
 Their class prompts come from a 768-wide, 2-layer CLIP text encoder with random weights (only their shape matters).
 
     python -m bench.guidance_speed [--steps 8] [--repeats 3] [--size 256] [--threads N] [--only apg,fdg] [--json PATH]
@@ -26,13 +28,13 @@ def configurations(base):
                     high_parallel_weight=1.0),
         "interval": node("TrainFreeGuidanceInterval", sigma_low=0.28, sigma_high=5.42),
         "residual-1x": node("TrainFreeResidualCFG", mode="one-time negative", delta=1.0),
-        **gfcg_configurations(node),
+        **judged_configurations(node),
         "nasa": node("TrainFreeNASA", negative=[[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(7)),
                                                  {}]], alpha=0.1, start_percent=0.0, end_percent=1.0),
     }
 
 
-def gfcg_configurations(node):
+def judged_configurations(node):
     import comfy.sd
     import torch
     from bench.timing import make_sd_vae
@@ -47,8 +49,11 @@ def gfcg_configurations(node):
     oracle = nodes.NODE_CLASS_MAPPINGS["TrainFreeDigitOracleJudge"]().make()[0]
     common = dict(clip=clip, target_class="1", scale=2.0, start_percent=0.0, end_percent=1.0)
     digits = "\n".join(f"a digit {label}" for label in oracle.labels)
+    vae = make_sd_vae()
     return {"gfcg-prompt": node("TrainFreeGFCG", judge=prompt_judge, class_prompts=classes, **common),
-            "gfcg-oracle": node("TrainFreeGFCG", judge=oracle, vae=make_sd_vae(), class_prompts=digits, **common)}
+            "gfcg-oracle": node("TrainFreeGFCG", judge=oracle, vae=vae, class_prompts=digits, **common),
+            "dynamic-cfg": node("TrainFreeDynamicCFG", candidate_scales="1, 3, 5, 7.5, 10", judge=oracle,
+                                target="seven", weight=1.0, start_percent=0.0, end_percent=1.0, vae=vae)}
 
 
 def main():
