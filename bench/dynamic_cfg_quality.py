@@ -51,36 +51,24 @@ def rivals(digit, colour, background):
 
 def graph(model, captions, per_prompt, seed, steps, cfg, judge=None):
     """API prompt: reference model -> (per caption: dynamic CFG judged towards that caption) -> KSampler."""
-    prompt = {"model": {"class_type": "TrainFreeReferenceModel", "inputs": {"model_file": quality.MODELS[model]}},
-              "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["model", 1]}},
-              "latent": {"class_type": "EmptyLatentImage",
-                         "inputs": {"width": digits.SIZE, "height": digits.SIZE, "batch_size": per_prompt}},
-              "oracle": {"class_type": "TrainFreeDigitOracleJudge", "inputs": {}}}
-    for i, (digit, colour, background) in enumerate(captions):
-        text = digits.caption(digit, colour, background)
-        current = ["model", 0]
-        if judge is not None:
-            inputs = {"model": current, "candidate_scales": ", ".join(f"{w:g}" for w in CANDIDATES),
-                      "weight": 1.0, "start_percent": 0.0, "end_percent": 1.0}
-            if judge == "oracle":
-                inputs.update(judge=["oracle", 0], target=digits.WORDS[digit], vae=["model", 2])
-            else:
-                prompt[f"judge{i}"] = {"class_type": "TrainFreePromptJudge", "inputs": {
-                    "clip": ["model", 1], "prompts": "\n".join(rivals(digit, colour, background)),
-                    "timesteps": PROMPT_JUDGE_TIMESTEPS, "seed": 0}}
-                inputs.update(judge=[f"judge{i}", 0], target="1")
-            prompt[f"dynamic{i}"] = {"class_type": "TrainFreeDynamicCFG", "inputs": inputs}
-            current = [f"dynamic{i}", 0]
-        prompt[f"pos{i}"] = {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["model", 1]}}
-        prompt[f"sample{i}"] = {"class_type": "KSampler", "inputs": {
-            "model": current, "seed": seed + i, "steps": steps, "cfg": cfg, "sampler_name": "euler",
-            "scheduler": SCHEDULERS[model], "positive": [f"pos{i}", 0], "negative": ["neg", 0],
-            "latent_image": ["latent", 0], "denoise": 1.0}}
-        prompt[f"decode{i}"] = {"class_type": "VAEDecode", "inputs": {"samples": [f"sample{i}", 0],
-                                                                      "vae": ["model", 2]}}
-        prompt[f"out{i}"] = {"class_type": "HarnessCollectImages",
-                             "inputs": {"images": [f"decode{i}", 0], "key": str(i)}}
-    return prompt
+    def patch(i, caption, prompt):
+        digit, colour, background = caption
+        if judge is None:
+            return None
+        inputs = {"model": ["model", 0], "candidate_scales": ", ".join(f"{w:g}" for w in CANDIDATES),
+                  "weight": 1.0, "start_percent": 0.0, "end_percent": 1.0}
+        if judge == "oracle":
+            inputs.update(judge=["oracle", 0], target=digits.WORDS[digit], vae=["model", 2])
+        else:
+            prompt[f"judge{i}"] = {"class_type": "TrainFreePromptJudge", "inputs": {
+                "clip": ["model", 1], "prompts": "\n".join(rivals(digit, colour, background)),
+                "timesteps": PROMPT_JUDGE_TIMESTEPS, "seed": 0}}
+            inputs.update(judge=[f"judge{i}", 0], target="1")
+        prompt[f"dynamic{i}"] = {"class_type": "TrainFreeDynamicCFG", "inputs": inputs}
+        return [f"dynamic{i}", 0]
+    return quality.per_caption_graph(quality.MODELS[model], captions, per_prompt, cfg, steps, seed,
+                                     SCHEDULERS[model], patch,
+                                     {"oracle": {"class_type": "TrainFreeDigitOracleJudge", "inputs": {}}})
 
 
 def schedules(records):

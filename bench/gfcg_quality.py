@@ -43,37 +43,26 @@ def classes(colour, background):
 
 
 def graph(model, captions, per_prompt, cfg, judge, steps, seed, judge_timesteps):
-    prompt = {"model": {"class_type": "TrainFreeReferenceModel", "inputs": {"model_file": quality.MODELS[model]}},
-              "counted": {"class_type": "HarnessCountRows", "inputs": {"model": ["model", 0]}},
-              "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["model", 1]}},
-              "latent": {"class_type": "EmptyLatentImage",
-                         "inputs": {"width": digits.SIZE, "height": digits.SIZE, "batch_size": per_prompt}},
+    """Reference model -> row counter -> (per caption: GFCG over that caption's ten digit captions) -> KSampler."""
+    def patch(i, caption, prompt):
+        if judge is None:
+            return ["counted", 0]
+        digit, colour, background = caption
+        gfcg = {"model": ["counted", 0], "clip": ["model", 1], "class_prompts": classes(colour, background),
+                "target_class": str(digit + 1), "scale": SCALE, "start_percent": 0.0, "end_percent": 1.0}
+        if judge == "oracle":
+            gfcg.update(judge=["oracle", 0], vae=["model", 2])
+        else:
+            prompt[f"judge{i}"] = {"class_type": "TrainFreePromptJudge", "inputs": {
+                "clip": ["model", 1], "prompts": classes(colour, background), "timesteps": judge_timesteps,
+                "seed": 0}}
+            gfcg["judge"] = [f"judge{i}", 0]
+        prompt[f"gfcg{i}"] = {"class_type": "TrainFreeGFCG", "inputs": gfcg}
+        return [f"gfcg{i}", 0]
+    shared = {"counted": {"class_type": "HarnessCountRows", "inputs": {"model": ["model", 0]}},
               "oracle": {"class_type": "TrainFreeDigitOracleJudge", "inputs": {}}}
-    for i, (digit, colour, background) in enumerate(captions):
-        text = digits.caption(digit, colour, background)
-        sampled = ["counted", 0]
-        if judge is not None:
-            gfcg = {"model": ["counted", 0], "clip": ["model", 1], "class_prompts": classes(colour, background),
-                    "target_class": str(digit + 1), "scale": SCALE, "start_percent": 0.0, "end_percent": 1.0}
-            if judge == "oracle":
-                gfcg.update(judge=["oracle", 0], vae=["model", 2])
-            else:
-                prompt[f"judge{i}"] = {"class_type": "TrainFreePromptJudge", "inputs": {
-                    "clip": ["model", 1], "prompts": classes(colour, background), "timesteps": judge_timesteps,
-                    "seed": 0}}
-                gfcg["judge"] = [f"judge{i}", 0]
-            prompt[f"gfcg{i}"] = {"class_type": "TrainFreeGFCG", "inputs": gfcg}
-            sampled = [f"gfcg{i}", 0]
-        prompt[f"pos{i}"] = {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["model", 1]}}
-        prompt[f"sample{i}"] = {"class_type": "KSampler", "inputs": {
-            "model": sampled, "seed": seed + i, "steps": steps, "cfg": cfg, "sampler_name": "euler",
-            "scheduler": SCHEDULERS[model], "positive": [f"pos{i}", 0], "negative": ["neg", 0],
-            "latent_image": ["latent", 0], "denoise": 1.0}}
-        prompt[f"decode{i}"] = {"class_type": "VAEDecode", "inputs": {"samples": [f"sample{i}", 0],
-                                                                       "vae": ["model", 2]}}
-        prompt[f"out{i}"] = {"class_type": "HarnessCollectImages", "inputs": {"images": [f"decode{i}", 0],
-                                                                               "key": str(i)}}
-    return prompt
+    return quality.per_caption_graph(quality.MODELS[model], captions, per_prompt, cfg, steps, seed,
+                                     SCHEDULERS[model], patch, shared)
 
 
 def run_model(model, args):

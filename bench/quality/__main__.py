@@ -59,6 +59,30 @@ def technique_graph(captions, per_prompt, cfg, steps, seed, patches, sampler="eu
     return prompt
 
 
+def per_caption_graph(model_file, captions, per_prompt, cfg, steps, seed, scheduler, patch=None, shared=None):
+    """API prompt: reference model -> per caption ``patch(i, caption, prompt)`` (nodes it adds to ``prompt`` for
+    that caption; returns the model to sample, or None for the plain model) -> KSampler -> images collected by
+    caption. ``shared`` nodes (judges, say) join the prompt once."""
+    prompt = {"model": {"class_type": "TrainFreeReferenceModel", "inputs": {"model_file": model_file}},
+              "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["model", 1]}},
+              "latent": {"class_type": "EmptyLatentImage",
+                         "inputs": {"width": digits.SIZE, "height": digits.SIZE, "batch_size": per_prompt}},
+              **(shared or {})}
+    for i, caption in enumerate(captions):
+        model = (patch(i, caption, prompt) if patch else None) or ["model", 0]
+        prompt[f"pos{i}"] = {"class_type": "CLIPTextEncode",
+                             "inputs": {"text": digits.caption(*caption), "clip": ["model", 1]}}
+        prompt[f"sample{i}"] = {"class_type": "KSampler", "inputs": {
+            "model": model, "seed": seed + i, "steps": steps, "cfg": cfg, "sampler_name": "euler",
+            "scheduler": scheduler, "positive": [f"pos{i}", 0], "negative": ["neg", 0],
+            "latent_image": ["latent", 0], "denoise": 1.0}}
+        prompt[f"decode{i}"] = {"class_type": "VAEDecode", "inputs": {"samples": [f"sample{i}", 0],
+                                                                      "vae": ["model", 2]}}
+        prompt[f"out{i}"] = {"class_type": "HarnessCollectImages",
+                             "inputs": {"images": [f"decode{i}", 0], "key": str(i)}}
+    return prompt
+
+
 @torch.no_grad()
 def real_features(judge, vae_source, out, model, count=360, seed=777):
     """Oracle features of held-out real digits passed through the reference model's VAE (cached in ``out``)."""

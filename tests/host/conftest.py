@@ -98,6 +98,18 @@ class FirstEvaluation:
         return args["denoised"]
 
 
+class EveryEvaluation:
+    """A post-CFG function added after the patches: keeps every evaluation's ``keys`` of the post-CFG args."""
+
+    def __init__(self, model, keys=("input", "sigma", "cond_denoised", "denoised")):
+        model.set_model_sampler_post_cfg_function(self)
+        self.keys, self.args = keys, []
+
+    def __call__(self, args):
+        self.args.append({k: args[k] for k in self.keys})
+        return args["denoised"]
+
+
 class AttentionOverride:
     """Base of the tests' attention recorders: installs itself as the model's attention override and survives
     ComfyUI 0.3.75's deep copy of model_options on clone."""

@@ -5,7 +5,7 @@ holds the schedule; bad inputs get clear errors; per-run state follows the batch
 import pytest
 import torch
 
-from conftest import run_node, sample
+from conftest import EveryEvaluation, run_node, sample
 from harness import tiny_models
 
 FAMILIES = ("sd15", "sdxl", "sd3", "flux")
@@ -30,6 +30,9 @@ class SpreadJudge:
         return torch.log_softmax(logits, dim=1)
 
 
+KEYS = ("sigma", "cond_denoised", "uncond_denoised", "denoised", "cond_scale")
+
+
 def dynamic(model, scales="1, 3, 6", judge=None, target="spread", weight=1.0, vae=None, start=0.0, end=1.0,
             **extra):
     judge = SpreadJudge() if judge is None else judge
@@ -42,17 +45,6 @@ def dynamic(model, scales="1, 3, 6", judge=None, target="spread", weight=1.0, va
 def report(host, model):
     (only,) = [r for key, r in host.run_reports(model).items() if "dynamic_cfg" in key]
     return only
-
-
-class Recorder:
-    def __init__(self, model):
-        model.set_model_sampler_post_cfg_function(self)
-        self.args = []
-
-    def __call__(self, args):
-        self.args.append({k: args[k] for k in ("sigma", "cond_denoised", "uncond_denoised", "denoised",
-                                                "cond_scale")})
-        return args["denoised"]
 
 
 _VAES = {}
@@ -117,7 +109,7 @@ def test_each_row_takes_the_scale_its_judges_score_best(tiny, host):
                         ("both", [(SpreadJudge(), 0, 1.0), (SpreadJudge(towards=0.0), 0, 5.0)])):
         extra = {} if len(panel) == 1 else {"judge_2": panel[1][0], "target_2": "1", "weight_2": 5.0}
         patched = dynamic(tiny("sd15"), "6, 1, 3", panel[0][0], vae=vae, **extra)
-        recorder = Recorder(patched)
+        recorder = EveryEvaluation(patched, KEYS)
         sample(patched, "sd15", batch=2, steps=4, cfg=3.0)
         rep, runs[name] = check_every_evaluation(host, tiny, patched, recorder, panel, scales, vae)
         assert rep["candidates"] == list(scales) and rep["judged_estimates"] == 4 * len(scales) * 2 * len(panel)
@@ -132,7 +124,7 @@ def test_rows_choose_their_own_scales(tiny, host):
     vae, scales = vae_for("sd15"), (0.0, 1.0, 2.0, 4.0, 8.0)
     judge = SpreadJudge(towards=0.232)
     patched = dynamic(tiny("sd15"), "0, 1, 2, 4, 8", judge, vae=vae)
-    recorder = Recorder(patched)
+    recorder = EveryEvaluation(patched, KEYS)
     sample(patched, "sd15", batch=3, steps=4, cfg=3.0, pos=tiny_models.conditioning("sd15", batch=1, seed=7))
     _, chosen = check_every_evaluation(host, tiny, patched, recorder, [(judge, 0, 1.0)], scales, vae)
     assert len(set(chosen[0])) > 1, chosen

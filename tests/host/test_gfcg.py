@@ -6,7 +6,7 @@ family runs; bad inputs get clear errors."""
 import pytest
 import torch
 
-from conftest import run_node, sample
+from conftest import EveryEvaluation, run_node, sample
 from harness import tiny_models
 
 CLASSES = "a red seven\na blue one\na green two"
@@ -38,16 +38,6 @@ def report(host, model):
     return only
 
 
-class Recorder:
-    def __init__(self, model):
-        model.set_model_sampler_post_cfg_function(self)
-        self.args = []
-
-    def __call__(self, args):
-        self.args.append({k: args[k] for k in ("input", "sigma", "cond_denoised", "denoised")})
-        return args["denoised"]
-
-
 def conditional_prediction(model, conditioning, x, sigma):
     """The model's conditional denoised prediction at (x, sigma), through a plain one-evaluation sampling run."""
     import comfy.sample
@@ -77,10 +67,10 @@ def test_each_row_moves_away_from_its_most_confused_class_by_the_adaptive_scale(
     table = [[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]]  # target 'seven': row 0 is confused with 'one', row 1 with 'two'
     judge = TableJudge(table)
     plain = tiny("sd15").clone()
-    before = Recorder(plain)
+    before = EveryEvaluation(plain)
     sample(plain, "sd15", batch=2, steps=3)
     patched = gfcg(tiny("sd15"), clip, scale=2.0, judge=judge, vae=vae)
-    after = Recorder(patched)
+    after = EveryEvaluation(patched)
     sample(patched, "sd15", batch=2, steps=3)
     first, guided = before.args[0], after.args[0]
     assert torch.equal(first["input"], guided["input"])  # same state at the first evaluation
