@@ -31,7 +31,7 @@ import torch
 from bench.cache_quality import logged
 from bench.quality import __main__ as quality
 from bench.quality import oracle
-from harness import comfy_host, run_workflows
+from harness import comfy_host
 from training import digits
 
 OUT = os.path.join(comfy_host.PACK_DIR, "bench", "output", "dynamic_cfg_quality")
@@ -182,15 +182,9 @@ def main():
                                                                     "and stop")
     args = parser.parse_args()
     if args.tables:
-        for path in args.tables:
-            with open(path) as f:
-                result = json.load(f)
-            print(f"{result['model']}: {result['command']}\n\n{tables(result)}")
+        quality.print_saved(args.tables, tables)
         return
-    run_workflows.boot()
-    import nodes
-    nodes.NODE_CLASS_MAPPINGS.update(HarnessCollectImages=quality.HarnessCollectImages)
-    torch.set_num_threads(args.threads)
+    quality.boot_bench(args.threads)
     os.makedirs(OUT, exist_ok=True)
     for model in args.models:
         result = {"command": " ".join(["python -m bench.dynamic_cfg_quality"] + sys.argv[1:]),

@@ -28,7 +28,7 @@ import torch
 from bench.quality import __main__ as quality
 from bench.quality import oracle
 from bench.sampler_quality import HarnessCountRows, _rows_seen
-from harness import comfy_host, run_workflows
+from harness import comfy_host
 from training import digits
 
 OUT = os.path.join(comfy_host.PACK_DIR, "bench", "output", "gfcg_quality")
@@ -115,16 +115,9 @@ def main():
     parser.add_argument("--tables", nargs="+", metavar="JSON", help="print the tables of saved results and stop")
     args = parser.parse_args()
     if args.tables:
-        for path in args.tables:
-            with open(path) as f:
-                result = json.load(f)
-            print(f"{result['model']}: {result['command']}\n\n{table(result)}")
+        quality.print_saved(args.tables, table)
         return
-    run_workflows.boot()
-    import nodes
-    nodes.NODE_CLASS_MAPPINGS.update(HarnessCollectImages=quality.HarnessCollectImages,
-                                     HarnessCountRows=HarnessCountRows)
-    torch.set_num_threads(args.threads)
+    quality.boot_bench(args.threads, HarnessCountRows=HarnessCountRows)
     os.makedirs(OUT, exist_ok=True)
     for model in args.models:
         result = {"command": " ".join(["python -m bench.gfcg_quality"] + sys.argv[1:]), **run_model(model, args)}

@@ -35,7 +35,7 @@ from bench import highres_quality
 from bench.cache_quality import calibration_captions, logged
 from bench.quality import __main__ as quality
 from bench.quality import metrics, oracle
-from harness import comfy_host, run_workflows
+from harness import comfy_host
 from training import digits
 
 OUT = os.path.join(comfy_host.PACK_DIR, "bench", "output", "sampler_quality")
@@ -309,17 +309,10 @@ def main():
                                                                     "and stop")
     args = parser.parse_args()
     if args.tables:
-        for path in args.tables:
-            with open(path) as f:
-                result = json.load(f)
-            print(f"{result['model']}: {result['command']}\n\n{tables(result)}")
+        quality.print_saved(args.tables, tables)
         return
-    run_workflows.boot()
+    quality.boot_bench(args.threads, HarnessCountRows=HarnessCountRows)
     import folder_paths
-    import nodes
-    nodes.NODE_CLASS_MAPPINGS.update(HarnessCollectImages=quality.HarnessCollectImages,
-                                     HarnessCountRows=HarnessCountRows)
-    torch.set_num_threads(args.threads)
     os.makedirs(OUT, exist_ok=True)
     calibrations = tempfile.mkdtemp(prefix="sampler_quality_")  # the calibrations, not in the host's output
     folder_paths.set_output_directory(calibrations)

@@ -13,7 +13,6 @@ a fixed random 77 x 768 embedding (the empty negative to the timing runs' negati
 Passes are counted (rows pushed through the UNet per run) and the nodes' reports are kept; "expected" is the
 ratio if a step cost what its rows cost: rows of the run / rows of CFG's run.
 """
-import os
 import shutil
 import tempfile
 

@@ -166,6 +166,23 @@ def run(name, cfg=7.5, patches=(), workflow=None, prompts=10, per_prompt=8, step
     return row
 
 
+def print_saved(paths, tables):
+    """A bench's --tables: print the tables of saved results (``tables(result)`` makes them) with their commands."""
+    for path in paths:
+        with open(path) as f:
+            result = json.load(f)
+        print(f"{result['model']}: {result['command']}\n\n{tables(result)}")
+
+
+def boot_bench(threads, **harness_nodes):
+    """ComfyUI booted for a quality bench: the image collector (and ``harness_nodes``) registered, torch's threads
+    set."""
+    run_workflows.boot()
+    import nodes
+    nodes.NODE_CLASS_MAPPINGS.update(HarnessCollectImages=HarnessCollectImages, **harness_nodes)
+    torch.set_num_threads(threads)
+
+
 def format_row(row):
     extra = f"  psnr {row['psnr']:.2f}  ssim {row['ssim']:.3f}" if "psnr" in row else ""
     return (f"{row['name']:<16} digit {row['digit_adherence']:.3f}  colour {row['colour_adherence']:.3f}  "

@@ -98,8 +98,7 @@ def test_the_prompt_judge_gives_the_diffusion_classifiers_posterior(tiny, clip, 
     got = []
 
     def read(args):
-        if not got:
-            from comfy.samplers import CFGGuider  # noqa: F401 (the guider is the run's; found through the scope)
+        if not got:  # the scope's state is the run's guider
             got.append((args["denoised"], host.judge_log_probs(model, judge, args["denoised"], scope.state,
                                                                key, args["model_options"])))
         return args["denoised"]
