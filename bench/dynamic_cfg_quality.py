@@ -83,8 +83,8 @@ def schedules(records):
 
 
 class Bench:
-    def __init__(self, model, prompts, per_prompt):
-        self.model, self.per_prompt = model, per_prompt
+    def __init__(self, model, prompts, per_prompt, grid_dir=OUT, only=()):
+        self.model, self.per_prompt, self.grid_dir, self.only = model, per_prompt, grid_dir, set(only)
         self.captions = quality.prompt_set(prompts)
         self.judge = oracle.load()
         reference = comfy_host.pack_module("nodes.reference_model")
@@ -93,6 +93,8 @@ class Bench:
         self.rows = []
 
     def run(self, name, cfg, judge=None, **settings):
+        if self.only and name not in self.only:
+            return None
         quality._collected.clear()
         started = time.perf_counter()
         _, records = logged(lambda: comfy_host.execute_prompt(
@@ -116,7 +118,8 @@ class Bench:
                                      for w in CANDIDATES},
                        distinct_schedules=len({tuple(s) for s in per_image}),
                        schedules=per_image)
-        quality.save_grid(images, self.per_prompt, os.path.join(OUT, f"{self.model}_{name}.png"))
+        os.makedirs(self.grid_dir, exist_ok=True)
+        quality.save_grid(images, self.per_prompt, os.path.join(self.grid_dir, f"dynamic_cfg_{self.model}_{name}.png"))
         self.rows.append(row)
         print(format_row(row), flush=True)
         return row
@@ -133,7 +136,7 @@ def format_row(r):
 
 
 def run_model(model, args):
-    bench = Bench(model, args.prompts, args.per_prompt)
+    bench = Bench(model, args.prompts, args.per_prompt, args.grid_dir or OUT, args.rows or ())
     for w in CANDIDATES:
         bench.run(f"cfg_{w:g}", w, method="CFG")
     for cfg in (7.5, 3.0):
@@ -144,8 +147,9 @@ def run_model(model, args):
     fixed = {r["cfg"]: r for r in bench.rows if r["judge"] is None}
     for r in bench.rows:
         if r["judge"] is not None:
-            r["seconds_per_image_of_cfg_row"] = fixed[r["cfg"]]["seconds_per_image"]
-            r["cost_vs_cfg"] = r["seconds_per_image"] / fixed[r["cfg"]]["seconds_per_image"]
+            if r["cfg"] in fixed:
+                r["seconds_per_image_of_cfg_row"] = fixed[r["cfg"]]["seconds_per_image"]
+                r["cost_vs_cfg"] = r["seconds_per_image"] / fixed[r["cfg"]]["seconds_per_image"]
     return {"model": model, "model_file": quality.MODELS[model], "scheduler": SCHEDULERS[model], "steps": STEPS,
             "prompts": args.prompts, "per_prompt": args.per_prompt, "candidates": list(CANDIDATES),
             "host": comfy_host.host_version(), "torch_threads": torch.get_num_threads(), "rows": bench.rows}
@@ -177,6 +181,10 @@ def main():
     parser.add_argument("--per-prompt", type=int, default=4, help="seeds (batch items) per prompt")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-prompt-judge", action="store_true")
+    parser.add_argument("--rows", nargs="+", metavar="ROW", help="run only these rows (e.g. cfg_3 "
+                                                                 "dynamic_oracle_cfg_3)")
+    parser.add_argument("--grid-dir", help="write each row's grid here as dynamic_cfg_<model>_<row>.png (default: "
+                                           "bench/output/dynamic_cfg_quality)")
     parser.add_argument("--out-dir", default=OUT, help="raw JSON: <out-dir>/dynamic_cfg_quality_<model>.json")
     parser.add_argument("--tables", nargs="+", metavar="JSON", help="print the markdown tables of saved results "
                                                                     "and stop")
