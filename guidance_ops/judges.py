@@ -40,7 +40,8 @@ class PromptJudge(Judge):
     """The Diffusion Classifier over ``prompts``, evaluated with the sampled model: each estimate is noised at
     ``timesteps`` evenly spaced timesteps with noise shared by every prompt, and a prompt's log-probability is
     its negative denoising error, normalised over the prompts (Li et al. 2023, eq. 5: p(c|x) ∝
-    exp(-E_{t,eps} ||eps - eps(x_t, c)||^2))."""
+    exp(-E_{t,eps} ||eps - eps(x_t, c)||^2)). The node that makes it sets ``conditionings``: the prompts encoded,
+    in a holder whose ``value`` is the list."""
     reads = "model"
 
     def __init__(self, prompts, timesteps, seed):

@@ -3,7 +3,9 @@
 Put it at the end of a prompt (it takes the decoded images, so it runs after sampling has ended). It reports:
 - ``run_scopes`` / ``scopes_holding_state``: the pack's per-run scopes alive, and those still holding a run's state;
 - ``tensors_held_by_pack``: tensors reachable from the pack's own objects (module globals, the per-run state and
-  reports of its scopes, the closures of the hooks it registered), not counting the models those hold;
+  reports of its scopes, the closures of the hooks it registered), not counting the models those hold nor the
+  inputs a patch keeps for the patched model's life (``runs.PatchInput``: the prompts the user connected; the
+  judges connected to it);
 - ``model_hooks``: per ModelPatcher alive, how many wrappers, callbacks, patches and option entries it carries;
 - ``gc_types``: gc-tracked objects per type, and the number and bytes of all live tensors; ``rss_mib``.
 """
@@ -50,7 +52,9 @@ def _tensors_reachable(roots):
 
 def _tensors_from(root):
     import comfy.model_patcher
-    stop = (types.ModuleType, type, torch.nn.Module, comfy.model_patcher.ModelPatcher)
+    stop = (types.ModuleType, type, torch.nn.Module, comfy.model_patcher.ModelPatcher,
+            comfy_host.pack_module("nodes.host.runs").PatchInput,  # what the user connected: not per-run state
+            comfy_host.pack_module("guidance_ops.judges").Judge)
     seen, found, todo = set(), {}, [root]
     parent = {}
     while todo:

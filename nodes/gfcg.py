@@ -59,7 +59,7 @@ class TrainFreeGFCG(ModelPatchNode):
                              "the classes it can be confused with")
         if judge is None:
             judge = judges.PromptJudge(texts, BUILT_IN_TIMESTEPS, 0)
-            judge.conditionings = [host.encode_text(clip, text) for text in texts]
+            judge.conditionings = host.PatchInput([host.encode_text(clip, text) for text in texts])
         if len(judge.labels) != len(texts):
             raise ValueError(f"the judge has {len(judge.labels)} labels ({', '.join(judge.labels)}) but there are "
                              f"{len(texts)} class prompts: write one class prompt per label, in the judge's order")

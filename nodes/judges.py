@@ -51,7 +51,7 @@ class TrainFreePromptJudge:
         check_numbers(type(self).__name__, self.INPUT_TYPES(), {"timesteps": timesteps, "seed": seed})
         texts = prompt_lines(prompts, "prompts")
         judge = judges.PromptJudge(texts, timesteps, seed)
-        judge.conditionings = [host.encode_text(clip, text) for text in texts]
+        judge.conditionings = host.PatchInput([host.encode_text(clip, text) for text in texts])
         return (judge,)
 
 

@@ -71,8 +71,8 @@ from .family import (DIT_FAMILIES, FAMILY_NAMES, UNET_FAMILIES, UnsupportedModel
                      latent_channels, model_family, model_sampling, percent_to_sigma, prediction_space, require_family,
                      require_same_family, same_family, sigma_to_timestep)
 from .samplers import alpha_function, denoising_sampler, guided_sampler
-from .runs import (CLONE_DEEP_COPIES_OBJECTS, RunScope, Wrappers, check_latent, guard_latent, new_key, run_reports,
-                   step_of)
+from .runs import (CLONE_DEEP_COPIES_OBJECTS, PatchInput, RunScope, Wrappers, check_latent, guard_latent,
+                   new_key, run_reports, step_of)
 
 
 def probes():

@@ -16,6 +16,7 @@ import comfy.samplers
 from ...guidance_ops import frecas
 from .attention import chain_unet_replace_in
 from .family import attention_layers, is_flow_model, model_sampling
+from .runs import SIDE_PASS
 
 log = logging.getLogger("trainfree")
 
@@ -209,6 +210,8 @@ class _AttentionMaps:
     def _link(self, previous):
         def attn2(q, k, v, extra_options, **kwargs):
             out = previous(q, k, v, extra_options, **kwargs)
+            if extra_options.get(SIDE_PASS):  # a judge's or a reference prompt's pass: not the cascade's rows
+                return out
             kinds, heads = extra_options["cond_or_uncond"], extra_options["n_heads"]
             if self.stage < len(self.record_sigmas) and self._at(extra_options, self.record_sigmas[self.stage]):
                 self._record(kinds, frecas.attention_probabilities(q, k, heads))

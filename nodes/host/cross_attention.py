@@ -13,7 +13,7 @@ import torch
 from ...guidance_ops import prompt_to_prompt as p2p
 from .attention import chain_unet_replace
 from .family import DIT_FAMILIES, FAMILY_NAMES, UNET_FAMILIES, UnsupportedModel, attention_layers, model_family
-from .runs import RunScope, new_key, step_of
+from .runs import SIDE_PASS, RunScope, new_key, step_of
 
 
 def prompt_token_ids(clip, text):
@@ -178,7 +178,7 @@ class PromptToPromptController:
         holds no conditional chunk or no run is under way."""
         state = self.scope.state
         chunks = extra_options.get("cond_or_uncond") or ()
-        if state is None or 0 not in chunks:
+        if state is None or 0 not in chunks or extra_options.get(SIDE_PASS):
             return state, None
         size = q.shape[0] // len(chunks)
         if size != 2 * self.rows or size * len(chunks) != q.shape[0]:

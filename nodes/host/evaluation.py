@@ -1,7 +1,7 @@
 """Hooks on the sampler's model evaluations: post-CFG guidance terms, a CFG scale per evaluation, a second
 model's prediction in the unconditional slot, and one extra conditional pass batched into ComfyUI's own call."""
 from .family import UnsupportedModel
-from .runs import Wrappers, guard_latent
+from .runs import PatchInput, Wrappers, guard_latent
 
 _GUIDANCE_OFF = "trainfree_guidance_off"  # model_options flag: a patch switched guidance off for this evaluation
 
@@ -99,10 +99,11 @@ def add_run_conditioning(model, key, conditioning):
     areas, masks, the model's extra inputs and ControlNets, exactly as for the positive prompt. During the run
     ``run_conditioning(guider, key)`` hands it out in the form ``predict_with`` takes."""
     import comfy.sampler_helpers
+    held = PatchInput(conditioning)
 
     def outer_sample(executor, *args, **kwargs):
         conds = executor.class_obj.conds
-        conds[key] = comfy.sampler_helpers.convert_cond(conditioning)
+        conds[key] = comfy.sampler_helpers.convert_cond(held.value)
         try:
             return executor(*args, **kwargs)
         finally:  # a guider may be reused (a cached SamplerCustomAdvanced input): leave its conds as they were

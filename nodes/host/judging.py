@@ -7,13 +7,14 @@ from ...guidance_ops import judges
 from .classifier import timestep_sigmas
 from .evaluation import add_run_conditioning, run_conditioning
 from .family import model_sampling, prediction_space
+from .runs import SIDE_PASS
 
 
 def prepare_judge(model, key, judge):
     """Call at patch time on the patched clone: a prompt judge's prompts are prepared by the sampler on every run
     (areas, the model's extra inputs), as the positive prompt is."""
     if judge.reads == "model":
-        prepare_prompts(model, f"{key}/judge", judge.conditionings)
+        prepare_prompts(model, f"{key}/judge", judge.conditionings.value)
 
 
 def prepare_prompts(model, key, conditionings):
@@ -23,10 +24,12 @@ def prepare_prompts(model, key, conditionings):
 
 def predict_prompt(model, guider, key, index, x, sigma, model_options):
     """The denoised prediction for prompt ``index`` of those ``prepare_prompts`` registered under ``key``; ``sigma``
-    has one value per row of ``x``."""
+    has one value per row of ``x``. A side pass (``runs.SIDE_PASS``)."""
     import comfy.samplers
     conds = run_conditioning(guider, f"{key}/{index}")
-    return comfy.samplers.calc_cond_batch(model.model, [conds], x, sigma, model_options)[0]
+    options = {**model_options,
+               "transformer_options": {**model_options.get("transformer_options", {}), SIDE_PASS: True}}
+    return comfy.samplers.calc_cond_batch(model.model, [conds], x, sigma, options)[0]
 
 
 def judge_log_probs(model, judge, denoised, guider, key, model_options, vae=None):

@@ -18,7 +18,7 @@ from .attention import (FLUX_STATES_IMG_SLICE, HAS_ATTENTION_OVERRIDE, chain_une
                         text_position, unet_attention)
 from .evaluation import add_extra_cond_pass
 from .family import DIT_FAMILIES, UNET_FAMILIES, UnsupportedModel, model_family
-from .runs import Wrappers
+from .runs import PatchInput, Wrappers
 
 POSITIVE = 0  # the chunk NASA steers: the sampler's conditional rows (cond_or_uncond 0)
 
@@ -72,6 +72,7 @@ def steer_cross_attention(model, negative, alpha, scope):
     on UNets ``modules`` (``cross_attention_modules`` of the sampled model) and ``projections`` (a dict this
     module fills, dropped with the run); on DiTs the fields ``add_extra_cond_pass`` uses. Returns the layers
     patched."""
+    negative = PatchInput(negative)  # kept for the patched model's life, as the patch's settings are
     family = model_family(model)
     if family in UNET_FAMILIES:
         return _steer_unet(model, negative, alpha, scope)
@@ -104,7 +105,7 @@ def _negative_keys_values(state, path, negative, q):
     key = (path, q.device, q.dtype)
     if key not in state.projections:
         attn = state.modules[path]
-        context = negative.to(device=q.device, dtype=q.dtype)
+        context = negative.value.to(device=q.device, dtype=q.dtype)
         state.projections[key] = (attn.to_k(context), attn.to_v(context))
     return state.projections[key]
 
@@ -171,10 +172,10 @@ def _steer_dit(model, negative, alpha, scope):
     return layers
 
 
-def _negative_conds(positive, negative):
+def _negative_conds(positive, held):
     """The positive conditioning with its token sequence replaced by the negative prompt's (pooled vector,
     guidance and every other input kept), so the extra row's image stream matches the positive row's."""
-    out = []
+    negative, out = held.value, []
     for entry in positive:
         conds = entry["model_conds"]
         text = conds["c_crossattn"]

@@ -14,6 +14,19 @@ Wrappers = comfy.patcher_extension.WrappersMP
 # versions copy only the dicts and lists (comfy.utils.deepcopy_list_dict) and leave the objects in them shared.
 CLONE_DEEP_COPIES_OBJECTS = not hasattr(comfy.utils, "deepcopy_list_dict")
 _RUNS = "trainfree_runs"
+# transformer_options flag of a side pass: a model call a patch makes to read something (a judge's denoising, a
+# reference prompt's prediction), not one of the sampling trajectory's own rows. Controls that follow the
+# trajectory's rows (prompt-to-prompt's source / target pairs) leave such calls alone.
+SIDE_PASS = "trainfree_side_pass"
+
+
+class PatchInput:
+    """A value the user connected to a patch (a prompt's conditioning), kept as long as the patched model lives, as
+    the patch's settings are; not per-run state (the server tests' leak probe does not count what it holds)."""
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
 
 
 def new_key(technique):

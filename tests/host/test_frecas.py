@@ -151,6 +151,8 @@ def test_patches_act_inside_the_cascade(tiny):
     model = tiny("sd15")
     sampler, sigmas, latent = frecas(model, "sd15", steps="3, 2", batch=2)
     plain = guided(model, "sd15", sampler, sigmas, latent["samples"])
+    clip = tiny_models.make_clip()
+    judge = run_node("TrainFreePromptJudge", clip=clip, prompts="a cat\na dog", timesteps=2, seed=0)[0]
     patched = {
         "pag": run_node("TrainFreePAG", model=model, scale=3.0, layers="auto", start_percent=0.0, end_percent=1.0)[0],
         "apg": run_node("TrainFreeAPG", model=model, eta=0.0, norm_threshold=15.0, momentum=-0.5)[0],
@@ -159,7 +161,14 @@ def test_patches_act_inside_the_cascade(tiny):
         "residual one-time": run_node("TrainFreeResidualCFG", model=model, mode="one-time negative", delta=1.0)[0],
         "residual self": run_node("TrainFreeResidualCFG", model=model, mode="self-negative", delta=1.0)[0],
         "two-model": run_node("TrainFreeTwoModelGuidance", model=model,
-                              guide_model=tiny_models.make_model("sd15", seed=1), mode="autoguidance")[0]}
+                              guide_model=tiny_models.make_model("sd15", seed=1), mode="autoguidance")[0],
+        "nasa": run_node("TrainFreeNASA", model=model, negative=tiny_models.conditioning("sd15", seed=3), alpha=0.5,
+                         start_percent=0.0, end_percent=1.0)[0],
+        # their judges' and reference prompts' passes run beside the cascade's rows and stay out of the fusion
+        "gfcg": run_node("TrainFreeGFCG", model=model, clip=clip, class_prompts="a cat\na dog", target_class="1",
+                         scale=2.0, start_percent=0.0, end_percent=1.0)[0],
+        "dynamic cfg": run_node("TrainFreeDynamicCFG", model=model, candidate_scales="1, 3, 5", judge=judge,
+                                target="1", weight=1.0, start_percent=0.0, end_percent=1.0)[0]}
     for name, m in patched.items():
         out = guided(m, "sd15", sampler, sigmas, latent["samples"])
         assert torch.isfinite(out).all() and not torch.allclose(out, plain), name

@@ -73,3 +73,18 @@ def test_clear_errors(setup, tiny):
         edit(setup, edit="reweight", target=SOURCE, reweight_words="green")
     with pytest.raises(ValueError, match="no null-text embeddings"):
         edit(setup, unconditional="null-text (from the inversion)", negative=None)
+
+
+def test_a_judge_s_side_passes_leave_the_edit_alone(setup):
+    """GFCG on the edited model: its judge and reference passes (other row counts than the edit's source / target
+    pairs) run beside prompt-to-prompt's attention control, which leaves them alone; the edit still acts."""
+    model, clip, inversion, _, negative = setup
+    guided = engine("TrainFreeGFCG", model=model, clip=clip, class_prompts=f"{SOURCE}\n{TARGET}", target_class="2",
+                    scale=2.0, start_percent=0.0, end_percent=1.0)[0]
+    settings = dict(edit="word swap", cfg=5.0, unconditional="negative prompt", cross_replace=0.8, self_replace=0.4,
+                    negative=negative, blend_words="red, blue")
+    edited, source = engine("TrainFreePromptToPrompt", model=guided, clip=clip, inversion=inversion,
+                            source_text=SOURCE, target_text=TARGET, **settings)
+    plain_edit, _ = edit(setup, blend_words="red, blue")
+    assert torch.isfinite(edited["samples"]).all() and (edited["samples"] - source["samples"]).abs().max() > 1e-3
+    assert (edited["samples"] - plain_edit).abs().max() > 1e-3  # GFCG acted too

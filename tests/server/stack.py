@@ -11,9 +11,13 @@ reference model; a required CLIP the reference model's, a required CONDITIONING 
 required judge a prompt judge over the caption and another digit.
 """
 REFERENCE = {"class_type": "TrainFreeReferenceModel", "inputs": {"model_file": "trainfree_digits.safetensors"}}
-# Settings other than the defaults, where the default would leave the patch idle in a short run.
+# Settings other than the defaults, where the default would leave the patch idle in a short run or cost too much.
 OVERRIDES = {"TrainFreeResidualCFG": {"mode": "self-negative"},
-             "TrainFreeScaleCrafter": {"preset": "generic 4x pixels"}}  # the official tables fit four-level UNets
+             "TrainFreeScaleCrafter": {"preset": "generic 4x pixels"},  # the official tables fit four-level UNets
+             # the stack's prompt judge (2 prompts x 2 timesteps) in place of the built-in one (2 x 4), and two
+             # candidate scales: the judges' passes multiply a short run's cost
+             "TrainFreeGFCG": {"judge": ["98", 0]},
+             "TrainFreeDynamicCFG": {"candidate_scales": "3, 5"}}
 
 
 # Patches kept out of the SD1.5-class stack: the DiT block cache acts in the Flux-class chain.
@@ -56,7 +60,7 @@ def patch_inputs(object_info, name):
             elif section == "required" and kind == "CONDITIONING":
                 inputs[input_name] = ["91", 0]  # the stack's negative prompt
             elif section == "required" and kind == "TRAINFREE_JUDGE":
-                inputs[input_name] = ["99", 0]  # the stack's prompt judge (reads the model: needs no vae)
+                inputs[input_name] = ["98", 0]  # the stack's prompt judge (reads the model: needs no vae)
             elif isinstance(kind, list):
                 inputs[input_name] = options.get("default", kind[0])
             elif "default" in options:
@@ -81,7 +85,7 @@ def stack_prompt(object_info, patches=None, width=128, height=128, batch=1, step
             "positive": ["90", 0], "negative": ["91", 0], "latent_image": ["92", 0], "denoise": 1.0}},
         "94": {"class_type": "VAEDecode", "inputs": {"samples": ["93", 0], "vae": ["1", 2]}},
         "95": {"class_type": "SaveImage", "inputs": {"images": ["94", 0], "filename_prefix": "trainfree_stack"}},
-        "99": {"class_type": "TrainFreePromptJudge", "inputs": {
+        "98": {"class_type": "TrainFreePromptJudge", "inputs": {
             "clip": ["1", 1], "prompts": f"{caption}\n{caption.replace(caption.split()[3], 'five', 1)}",
             "timesteps": 2, "seed": 0}},
     })
