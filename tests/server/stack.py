@@ -7,23 +7,20 @@ GFCG steered by each judge.
 
 The patches and their settings come from the server's /object_info (defaults), so a new MODEL -> MODEL node joins
 the stack, and the bad-input table, by itself. A second model input (guide, weak model) gets a second copy of the
-reference model; a required CLIP the reference model's, a required CONDITIONING the stack's negative prompt, a
-required judge a prompt judge over the caption and another digit.
+reference model; a required CLIP the reference model's, a required CONDITIONING the stack's negative prompt.
 """
 REFERENCE = {"class_type": "TrainFreeReferenceModel", "inputs": {"model_file": "trainfree_digits.safetensors"}}
 # Settings other than the defaults, where the default would leave the patch idle in a short run or cost too much.
 OVERRIDES = {"TrainFreeResidualCFG": {"mode": "self-negative"},
-             "TrainFreeScaleCrafter": {"preset": "generic 4x pixels"},  # the official tables fit four-level UNets
-             # the stack's prompt judge (2 prompts x 2 timesteps) in place of the built-in one (2 x 4), and two
-             # candidate scales: the judges' passes multiply a short run's cost
-             "TrainFreeGFCG": {"judge": ["98", 0]},
-             "TrainFreeDynamicCFG": {"candidate_scales": "3, 5"}}
+             "TrainFreeScaleCrafter": {"preset": "generic 4x pixels"}}  # the official tables fit four-level UNets
 
 
 # Patches kept out of the SD1.5-class stack: the DiT block cache acts in the Flux-class chain.
 DIT_PATCHES = ("TrainFreeBlockCache",)
 # Patches that need a calibration made for the run's step count: they act in a chain of their own.
 CALIBRATED_PATCHES = ("TrainFreeLinearAG",)
+# Patches steered by a judge, whose passes multiply a run's cost: they act in the judge chain.
+JUDGED_PATCHES = ("TrainFreeGFCG", "TrainFreeDynamicCFG")
 LOADED_SCHEDULE = "deepcache_sd15_reference_00001.json"  # workflows/input/cache_schedules: 25 steps, branch 0
 LOADED_SCHEDULE_STEPS = 25
 INVERSION_NODES = ("TrainFreeInvert", "TrainFreeNullTextInversion", "TrainFreePromptToPrompt", "TrainFreeSaveInversion",
@@ -32,7 +29,7 @@ CACHE_NODES = ("TrainFreeCacheScheduleSearch", "TrainFreeLoadCacheSchedule")
 SAMPLER_NODES = ("TrainFreeCFGPPSampler", "TrainFreeMomentumSampler")
 LINEAR_AG_NODES = ("TrainFreeLinearAGCalibrate",) + CALIBRATED_PATCHES
 CLASSIFIER_NODES = ("TrainFreeDiffusionClassifier",)
-JUDGE_NODES = ("TrainFreeDigitOracleJudge", "TrainFreePromptJudge", "TrainFreeCLIPJudge")
+JUDGE_NODES = ("TrainFreeDigitOracleJudge", "TrainFreePromptJudge", "TrainFreeCLIPJudge") + JUDGED_PATCHES
 # the nodes the chains ``inversion=True`` adds hold
 CHAIN_NODES = (INVERSION_NODES + ("TrainFreeFreCaS",) + DIT_PATCHES + CACHE_NODES + SAMPLER_NODES + LINEAR_AG_NODES
                + CLASSIFIER_NODES + JUDGE_NODES)
@@ -45,7 +42,8 @@ def patch_nodes(object_info):
     """The pack's MODEL -> MODEL nodes for the SD1.5-class stack, in the order the server lists them."""
     return [name for name, info in object_info.items()
             if name.startswith("TrainFree") and list(info["output"]) == ["MODEL"]
-            and info["input"]["required"].get("model", [None])[0] == "MODEL" and name not in DIT_PATCHES + CALIBRATED_PATCHES]
+            and info["input"]["required"].get("model", [None])[0] == "MODEL"
+            and name not in DIT_PATCHES + CALIBRATED_PATCHES + JUDGED_PATCHES]
 
 
 def patch_inputs(object_info, name):
@@ -59,8 +57,6 @@ def patch_inputs(object_info, name):
                 inputs[input_name] = ["1", 1]
             elif section == "required" and kind == "CONDITIONING":
                 inputs[input_name] = ["91", 0]  # the stack's negative prompt
-            elif section == "required" and kind == "TRAINFREE_JUDGE":
-                inputs[input_name] = ["98", 0]  # the stack's prompt judge (reads the model: needs no vae)
             elif isinstance(kind, list):
                 inputs[input_name] = options.get("default", kind[0])
             elif "default" in options:
@@ -85,9 +81,6 @@ def stack_prompt(object_info, patches=None, width=128, height=128, batch=1, step
             "positive": ["90", 0], "negative": ["91", 0], "latent_image": ["92", 0], "denoise": 1.0}},
         "94": {"class_type": "VAEDecode", "inputs": {"samples": ["93", 0], "vae": ["1", 2]}},
         "95": {"class_type": "SaveImage", "inputs": {"images": ["94", 0], "filename_prefix": "trainfree_stack"}},
-        "98": {"class_type": "TrainFreePromptJudge", "inputs": {
-            "clip": ["1", 1], "prompts": f"{caption}\n{caption.replace(caption.split()[3], 'five', 1)}",
-            "timesteps": 2, "seed": 0}},
     })
     if inversion:
         prompt.update(inversion_chain(model, caption, steps))
