@@ -16,11 +16,10 @@ class JudgeError(ValueError):
 
 
 class Judge:
+    """The base of every judge: ``labels`` and what it ``reads``. A judge that reads pixels also has
+    ``log_probs(pixels) -> [B, K]``; one that reads the model is evaluated by the host."""
     labels = ()
     reads = "pixels"
-
-    def log_probs(self, pixels):
-        raise NotImplementedError
 
 
 class DigitOracleJudge(Judge):
@@ -50,9 +49,14 @@ class PromptJudge(Judge):
         self.labels = tuple(prompts)
         self.timesteps = dc.timestep_grid(timesteps)
         self.seed = seed
+        self._noise = {}
 
     def noise(self, shape):
-        return dc.shared_noise(len(self.timesteps), shape, self.seed)
+        """The (t, eps) pairs' noise for latents of ``shape``, drawn once per shape (every step reuses it)."""
+        shape = tuple(shape)
+        if shape not in self._noise:
+            self._noise[shape] = dc.shared_noise(len(self.timesteps), shape, self.seed)
+        return self._noise[shape]
 
 
 def log_probs_from_errors(errors):

@@ -58,9 +58,3 @@ def text_values_only(v, text, token_dim):
     shape = [1] * v.ndim
     shape[token_dim] = -1
     return v * keep.reshape(shape)
-
-
-def in_window(sigma, sigma_start, sigma_end):
-    """True when ``sigma`` lies in the closed window [sigma_end, sigma_start] (sigmas fall during sampling)."""
-    s = float(torch.as_tensor(sigma).flatten()[0])
-    return sigma_end <= s <= sigma_start

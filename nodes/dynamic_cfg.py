@@ -88,10 +88,9 @@ class TrainFreeDynamicCFG(ModelPatchNode):
         keys = [f"{key}/{i}" for i in range(len(panel))]
 
         def start(guider, noise=None, latent_image=None, sampler=None, sigmas=None, *_):
-            patcher = guider.model_patcher
+            sigma_start, sigma_end = host.sigma_window(guider.model_patcher, start_percent, end_percent)
             return SimpleNamespace(guider=guider, sigmas=[] if sigmas is None else sigmas.flatten().tolist(),
-                                   sigma_start=host.percent_to_sigma(patcher, start_percent),
-                                   sigma_end=host.percent_to_sigma(patcher, end_percent), evaluations=0,
+                                   sigma_start=sigma_start, sigma_end=sigma_end, evaluations=0,
                                    judged=0, judged_estimates=0, judge_seconds=0.0, schedule=[])
 
         def technique(cond, uncond, scale, sigma, x, model_options):

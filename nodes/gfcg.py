@@ -57,9 +57,10 @@ class TrainFreeGFCG(ModelPatchNode):
         if len(texts) < 2:
             raise ValueError("class_prompts needs at least two classes (one prompt per line): the target and "
                              "the classes it can be confused with")
+        class_conditionings = [host.encode_text(clip, text) for text in texts]
         if judge is None:
             judge = judges.PromptJudge(texts, BUILT_IN_TIMESTEPS, 0)
-            judge.conditionings = host.PatchInput([host.encode_text(clip, text) for text in texts])
+            judge.conditionings = host.PatchInput(class_conditionings)
         if len(judge.labels) != len(texts):
             raise ValueError(f"the judge has {len(judge.labels)} labels ({', '.join(judge.labels)}) but there are "
                              f"{len(texts)} class prompts: write one class prompt per label, in the judge's order")
@@ -75,10 +76,9 @@ class TrainFreeGFCG(ModelPatchNode):
         key = host.new_key("gfcg")
 
         def start(guider, *_):
-            patcher = guider.model_patcher
-            return SimpleNamespace(guider=guider, sigma_start=host.percent_to_sigma(patcher, start_percent),
-                                   sigma_end=host.percent_to_sigma(patcher, end_percent), evaluations=0, guided=0,
-                                   reference_rows=0, references=Counter(), scale_sum=0.0)
+            sigma_start, sigma_end = host.sigma_window(guider.model_patcher, start_percent, end_percent)
+            return SimpleNamespace(guider=guider, sigma_start=sigma_start, sigma_end=sigma_end, evaluations=0,
+                                   guided=0, reference_rows=0, references=Counter(), scale_sum=0.0)
 
         def post_cfg(args):
             run = scope.state
@@ -114,7 +114,7 @@ class TrainFreeGFCG(ModelPatchNode):
             return report
 
         scope = host.RunScope(m, key, start, finish)
-        host.prepare_prompts(m, f"{key}/class", [host.encode_text(clip, text) for text in texts])
+        host.prepare_prompts(m, f"{key}/class", class_conditionings)
         host.prepare_judge(m, key, judge)
         host.add_post_cfg(m, post_cfg)
         return (m,)

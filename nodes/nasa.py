@@ -3,6 +3,7 @@ import logging
 from dataclasses import dataclass, field
 
 from ..guidance_ops import nasa
+from ..guidance_ops.pag import in_window
 from . import host
 from .base import ModelPatchNode
 
@@ -88,12 +89,12 @@ class TrainFreeNASA(ModelPatchNode):
 
         def start(guider, *_):
             patcher = guider.model_patcher
-            return NASARun(host.percent_to_sigma(patcher, start_percent), host.percent_to_sigma(patcher, end_percent),
+            return NASARun(*host.sigma_window(patcher, start_percent, end_percent),
                            host.cross_attention_modules(patcher, m))
 
         def on_evaluation(run, sigma):
             run.evaluations += 1
-            run.active = nasa.in_window(sigma, run.sigma_start, run.sigma_end)
+            run.active = in_window(sigma, run.sigma_start, run.sigma_end)
             run.steered += run.active
 
         def finish(run):

@@ -103,7 +103,7 @@ class TrainFreePAG(ModelPatchNode):
 
         def start(guider, *_):
             patcher = guider.model_patcher
-            return PAGRun(host.percent_to_sigma(patcher, start_percent), host.percent_to_sigma(patcher, end_percent),
+            return PAGRun(*host.sigma_window(patcher, start_percent, end_percent),
                           lambda sigma: host.sigma_to_timestep(patcher, sigma), host.model_sampling(patcher))
 
         def step_scale(run, sigma):

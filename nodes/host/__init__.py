@@ -69,7 +69,7 @@ from .schedule_store import save as save_schedule
 from .schedule_store import saved_names as saved_schedules
 from .family import (DIT_FAMILIES, FAMILY_NAMES, UNET_FAMILIES, UnsupportedModel, attention_layers, is_flow_model,
                      latent_channels, model_family, model_sampling, percent_to_sigma, prediction_space, require_family,
-                     require_same_family, same_family, sigma_to_timestep)
+                     require_same_family, same_family, sigma_to_timestep, sigma_window)
 from .samplers import alpha_function, denoising_sampler, guided_sampler
 from .runs import (CLONE_DEEP_COPIES_OBJECTS, PatchInput, RunScope, Wrappers, check_latent, guard_latent,
                    new_key, run_reports, step_of)

@@ -105,6 +105,11 @@ def percent_to_sigma(model, percent):
     return float(model_sampling(model).percent_to_sigma(percent))
 
 
+def sigma_window(model, start_percent, end_percent):
+    """``(sigma_start, sigma_end)`` of a patch's window given as points of the schedule (0 = first step)."""
+    return percent_to_sigma(model, start_percent), percent_to_sigma(model, end_percent)
+
+
 def sigma_to_timestep(model, sigma):
     """A timestep on the 0..1000 scale the papers use: the discrete timestep for SD models, t * 1000 for flow
     models (whose sigma is t; Flux's own model_sampling reports t in 0..1, SD3's t * 1000)."""

@@ -3,7 +3,7 @@ import math
 import torch
 from hypothesis import given, settings, strategies as st
 
-from guidance_ops import nasa
+from guidance_ops import nasa, pag
 
 
 def head_by_head(q, k, v, heads):
@@ -68,5 +68,5 @@ def test_default_alpha_has_the_papers_values_where_the_paper_gives_them():
 
 
 def test_window_is_closed_on_both_ends():
-    assert nasa.in_window(torch.tensor([2.0]), 2.0, 1.0) and nasa.in_window(1.0, 2.0, 1.0)
-    assert not nasa.in_window(2.5, 2.0, 1.0) and not nasa.in_window(0.5, 2.0, 1.0)
+    assert pag.in_window(torch.tensor([2.0]), 2.0, 1.0) and pag.in_window(1.0, 2.0, 1.0)
+    assert not pag.in_window(2.5, 2.0, 1.0) and not pag.in_window(0.5, 2.0, 1.0)
