@@ -40,50 +40,54 @@ def _is_pack_function(fn):
 
 def _tensors_reachable(roots):
     """Tensors reachable from ``roots`` without passing through models, modules, classes or ComfyUI functions:
-    ``{root: [shape, ...]}``, a root named by its type (and function name)."""
-    found = {}
-    for root in roots:
-        shapes = _tensors_from(root)
-        if shapes:
-            name = getattr(root, "__qualname__", type(root).__qualname__)
-            found.setdefault(name, []).extend(shapes)
-    return found
-
-
-def _tensors_from(root):
+    ``{root: [[shape, path], ...]}``, a root named by its type (and function name). One walk serves every root (an
+    object shared by several is visited once, for the first); the path to a tensor is spelled out only when one is
+    found."""
     import comfy.model_patcher
     stop = (types.ModuleType, type, torch.nn.Module, comfy.model_patcher.ModelPatcher,
             comfy_host.pack_module("nodes.host.runs").PatchInput,  # what the user connected: not per-run state
             comfy_host.pack_module("guidance_ops.judges").Judge)
-    seen, found, todo = set(), {}, [root]
-    parent = {}
-    while todo:
-        obj = todo.pop()
-        if id(obj) in seen or obj is None or isinstance(obj, stop):
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, torch.Tensor):
-            chain, o = [], id(obj)
-            while o in parent:
-                o, desc = parent[o]
-                chain.append(desc)
-            found[id(obj)] = [list(obj.shape), chain[:12]]
-            continue
-        if isinstance(obj, types.FunctionType):
-            if not _is_pack_function(obj):
+    found, seen, parent = {}, set(), {}
+    for root in roots:
+        todo = [root]
+        while todo:
+            obj = todo.pop()
+            if id(obj) in seen or obj is None or isinstance(obj, stop):
                 continue
-            for cell in (obj.__closure__ or ()):
-                if _cell_filled(cell):
-                    parent.setdefault(id(cell.cell_contents), (id(obj), "fn " + obj.__qualname__))
-                    todo.append(cell.cell_contents)
-            continue
-        for ref in gc.get_referents(obj):
-            desc = type(obj).__qualname__
-            if isinstance(obj, dict):
-                desc += " " + ",".join(str(k)[:20] for k, v in obj.items() if v is ref)[:60]
-            parent.setdefault(id(ref), (id(obj), desc))
-            todo.append(ref)
-    return list(found.values())
+            seen.add(id(obj))
+            if isinstance(obj, torch.Tensor):
+                name = getattr(root, "__qualname__", type(root).__qualname__)
+                found.setdefault(name, []).append([list(obj.shape), _path(obj, parent)[:12]])
+                continue
+            for ref in _referents(obj):
+                parent.setdefault(id(ref), (obj, ref))
+                todo.append(ref)
+    return found
+
+
+def _referents(obj):
+    """What the walk follows from ``obj``: a pack function's closure only (other code is not the pack's), else
+    everything the object refers to."""
+    if isinstance(obj, types.FunctionType):
+        if not _is_pack_function(obj):
+            return []
+        return [cell.cell_contents for cell in (obj.__closure__ or ()) if _cell_filled(cell)]
+    return gc.get_referents(obj)
+
+
+def _path(obj, parent):
+    """How the walk reached ``obj``, nearest holder first: each holder's type (a function's name, a dict's key)."""
+    chain, key = [], id(obj)
+    while key in parent and len(chain) < 64:
+        holder, held = parent[key]
+        if isinstance(holder, types.FunctionType):
+            chain.append("fn " + holder.__qualname__)
+        elif isinstance(holder, dict):
+            chain.append("dict " + ",".join(str(k)[:20] for k, v in holder.items() if v is held)[:60])
+        else:
+            chain.append(type(holder).__qualname__)
+        key = id(holder)
+    return chain
 
 
 def _cell_filled(cell):

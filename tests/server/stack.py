@@ -90,7 +90,7 @@ def stack_prompt(object_info, patches=None, width=128, height=128, batch=1, step
         prompt.update(sampler_chain(object_info, model, steps))
         prompt.update(linear_ag_chain(caption, steps))
         prompt.update(classifier_chain(caption))
-        prompt.update(judge_chain(caption, steps))
+        prompt.update(judge_chain(caption, steps, seed))
     return {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in prompt.items()}
 
 
@@ -271,11 +271,17 @@ def classifier_chain(caption):
     }
 
 
-def judge_chain(caption, steps):
+def judge_chain(caption, steps, seed=0):
     """GFCG steered by the digit oracle (reading the VAE-decoded estimates; the ten digits as classes), then by a
     prompt judge (the caption against another digit), then dynamic CFG judged by the oracle and a CLIP judge (an
     untrained stand-in CLIP vision model: the reference models have none), on the reference model; decoded as
-    node "105"."""
+    node "105".
+
+    The prompt judge's seed is the run's, so the patched models are built anew in every run, as the stacked
+    model is. A patched model that ComfyUI's cache keeps from one run to the next gains a LoadedModel each time a
+    sampler loads it (``load_models_gpu`` makes one per call, and its weakref.finalize on a cloned model keeps it
+    while the model lives; core nodes do it too): the host's growth, which the leak test would charge to the
+    pack."""
     words = caption.split()
     digits = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
     classes = [" ".join(words[:3] + [d] + words[4:]) for d in digits]
@@ -286,7 +292,7 @@ def judge_chain(caption, steps):
             "model": ["1", 0], "clip": ["1", 1], "class_prompts": "\n".join(classes), "target_class": words[3],
             "scale": 2.0, "start_percent": 0.0, "end_percent": 1.0, "judge": ["100", 0], "vae": ["1", 2]}},
         "102": {"class_type": "TrainFreePromptJudge", "inputs": {"clip": ["1", 1], "prompts": f"{caption}\n{rival}",
-                                                                 "timesteps": 2, "seed": 0}},
+                                                                 "timesteps": 2, "seed": seed}},
         "103": {"class_type": "TrainFreeGFCG", "inputs": {
             "model": ["101", 0], "clip": ["1", 1], "class_prompts": f"{caption}\n{rival}", "target_class": "1",
             "scale": 2.0, "start_percent": 0.0, "end_percent": 1.0, "judge": ["102", 0]}},
