@@ -30,12 +30,14 @@ SAMPLER_NODES = ("TrainFreeCFGPPSampler", "TrainFreeMomentumSampler")
 LINEAR_AG_NODES = ("TrainFreeLinearAGCalibrate",) + CALIBRATED_PATCHES
 CLASSIFIER_NODES = ("TrainFreeDiffusionClassifier",)
 JUDGE_NODES = ("TrainFreeDigitOracleJudge", "TrainFreePromptJudge", "TrainFreeCLIPJudge") + JUDGED_PATCHES
+RESTORATION_NODES = ("TrainFreeDegrade", "TrainFreeMeasurement")
 # the nodes the chains ``inversion=True`` adds hold
 CHAIN_NODES = (INVERSION_NODES + ("TrainFreeFreCaS",) + DIT_PATCHES + CACHE_NODES + SAMPLER_NODES + LINEAR_AG_NODES
-               + CLASSIFIER_NODES + JUDGE_NODES)
+               + CLASSIFIER_NODES + JUDGE_NODES + RESTORATION_NODES)
 # the decoded images of those chains (and the classifier's chart)
-CHAIN_IMAGES = ("87", "88", "79", "65", "56", "57", "38", "39", "34", "26", "105")
-CHAIN_IMAGE_SLOTS = {"26": 2}  # output slots of those images other than 0: the classifier's chart
+CHAIN_IMAGES = ("87", "88", "79", "65", "56", "57", "38", "39", "34", "26", "105", "131")
+CHAIN_IMAGE_SLOTS = {"26": 2, "131": 1}  # output slots of those images other than 0: the classifier's chart, the
+# measurement's start image
 
 
 def patch_nodes(object_info):
@@ -91,6 +93,7 @@ def stack_prompt(object_info, patches=None, width=128, height=128, batch=1, step
         prompt.update(linear_ag_chain(caption, steps))
         prompt.update(classifier_chain(caption))
         prompt.update(judge_chain(caption, steps, seed))
+        prompt.update(restoration_chain())
     return {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in prompt.items()}
 
 
@@ -308,4 +311,14 @@ def judge_chain(caption, steps, seed=0):
             "positive": ["90", 0], "negative": ["91", 0], "latent_image": ["92", 0], "denoise": 1.0}},
         "105": {"class_type": "VAEDecode", "inputs": {"samples": ["104", 0], "vae": ["1", 2]}},
         "106": {"class_type": "SaveImage", "inputs": {"images": ["105", 0], "filename_prefix": "trainfree_gfcg"}},
+    }
+
+
+def restoration_chain():
+    """The first sampled image degraded (4x smaller) and measured; the measurement's start image is node "131"."""
+    degradation = {"degradation": "super-resolution", "factor": 4, "noise_level": 0.05}
+    return {
+        "130": {"class_type": "TrainFreeDegrade", "inputs": {"image": ["94", 0], **degradation, "seed": 0}},
+        "131": {"class_type": "TrainFreeMeasurement", "inputs": {"image": ["130", 0], **degradation}},
+        "132": {"class_type": "SaveImage", "inputs": {"images": ["131", 1], "filename_prefix": "trainfree_measured"}},
     }

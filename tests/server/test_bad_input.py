@@ -67,6 +67,8 @@ def _cases(object_info):
     yield ("gfcg-target-names-no-class", "TrainFreeGFCG", {"target_class": "a purple nine"}, "execution",
            "target_class")
     yield ("prompt-judge-one-prompt", "TrainFreePromptJudge", {"prompts": "a digit"}, "execution", "prompts")
+    yield ("denoising-without-a-noise-level", "TrainFreeDegrade", {"degradation": "denoising", "noise_level": 0.0},
+           "execution", "noise_level")
     yield ("p2p-source-text-differs", "TrainFreePromptToPrompt", {"source_text": "a digit"}, "execution",
            "source_text")
 
