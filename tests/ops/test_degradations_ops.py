@@ -13,6 +13,12 @@ def _image(batch, height, width, seed, channels=3):
     return torch.rand(batch, height, width, channels, generator=g, dtype=torch.float64)
 
 
+def _image_cases(test):
+    cases = given(batch=st.integers(1, 3), height=st.sampled_from([4, 8, 12]), width=st.sampled_from([4, 8, 16]),
+                  seed=st.integers(0, 2**16))
+    return settings(max_examples=25, deadline=None)(cases(test))
+
+
 def _operators(batch, height, width, seed):
     g = torch.Generator().manual_seed(seed + 1)
     mask = (torch.rand(batch, height, width, generator=g) > 0.5).double()
@@ -21,9 +27,7 @@ def _operators(batch, height, width, seed):
     return ops
 
 
-@settings(max_examples=25, deadline=None)
-@given(batch=st.integers(1, 3), height=st.sampled_from([4, 8, 12]), width=st.sampled_from([4, 8, 16]),
-       seed=st.integers(0, 2**16))
+@_image_cases
 def test_adjoint_is_the_transpose(batch, height, width, seed):
     x = _image(batch, height, width, seed)
     for op in _operators(batch, height, width, seed):
@@ -31,9 +35,7 @@ def test_adjoint_is_the_transpose(batch, height, width, seed):
         assert torch.allclose((op.forward(x) * y).sum(), (x * op.adjoint(y)).sum(), atol=1e-10), op.kind
 
 
-@settings(max_examples=25, deadline=None)
-@given(batch=st.integers(1, 3), height=st.sampled_from([4, 8, 12]), width=st.sampled_from([4, 8, 16]),
-       seed=st.integers(0, 2**16))
+@_image_cases
 def test_the_right_inverse_measures_back_to_the_observation(batch, height, width, seed):
     x = _image(batch, height, width, seed)
     for op in _operators(batch, height, width, seed):
