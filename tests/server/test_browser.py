@@ -3,8 +3,9 @@
 For every example workflow: open the JSON file through the frontend's file input (what Load / drag-and-drop do),
 check that no missing-node dialog appears, that every pack node is rendered with its widgets holding the file's
 values, and that the frontend's own API conversion equals the harness's; then load the workflow rewired onto the
-reference model, press Run, wait for the run to finish, and keep a screenshot of the finished graph as a test
-artefact. Also: the missing-node dialog does appear for an unknown node, and node search finds the pack's nodes.
+reference model, press Run, wait for the run to finish, check its images through /history and /view (a
+classifier's best prompt and chart; saved images of the workflow's size, not flat), and keep a screenshot of the
+finished graph as a test artefact: the one run of each workflow on the server. Also: the missing-node dialog does appear for an unknown node, and node search finds the pack's nodes.
 
 Chromium comes from the system (``apt-get install chromium``; ``.ci/run`` installs it), never downloaded at
 run time; set ``CHROMIUM`` to use another binary.
@@ -17,8 +18,8 @@ import tempfile
 import pytest
 
 from harness import probe_record, run_workflows
-from harness.server import error_message
 from harness.workflow_api import ui_to_api
+from tests.server.conftest import check_workflow_images
 
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -148,12 +149,13 @@ def test_workflow_loads_renders_and_runs_in_the_browser(server, page, object_inf
         {k: (v["class_type"], v["inputs"]) for k, v in ours.items()}
 
     _open(page, run_workflows.reference_workflow(workflow), f"{name}_reference.json")
+    queued_prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
     with page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST") as queued:
         page.get_by_role("button", name="Run", exact=True).first.click()  # 1.49.x: Run, then its mode menu
     answer = queued.value.json()
     assert "prompt_id" in answer, answer
     entry = server.wait(answer["prompt_id"])
-    assert entry["status"]["status_str"] == "success", error_message(entry)
+    check_workflow_images(server, entry, queued_prompt, name, artifacts)
     # the workflow's images appear on its image nodes (the classifier's only output image is a preview)
     page.wait_for_function("() => app.graph._nodes.some(n => ['SaveImage', 'PreviewImage'].includes(n.type) && "
                            "n.imgs && n.imgs.length && n.imgs.every(i => i.complete))", timeout=30_000)
