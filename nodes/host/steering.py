@@ -26,8 +26,8 @@ def _check_sizes(title, measurement, vae, x):
     latent = (x.shape[-2] * ratio, x.shape[-1] * ratio)
     if (height, width) != latent:
         raise ValueError(f"{title}: the latent decodes to {latent[1]} x {latent[0]} pixels but the measurement "
-                         f"restores a {width} x {height} image: VAE-encode TrainFree Measurement's start_image for "
-                         f"the sampler's latent_image")
+                         f"restores a {width} x {height} image: connect TrainFree Measurement's start_image, "
+                         f"VAE-encoded, as the sampler's latent_image")
     batch = measurement.observed.shape[0]
     if batch not in (1, x.shape[0]):
         raise ValueError(f"{title}: the measurement holds {batch} images but the latent {x.shape[0]}: use one "
