@@ -2,15 +2,20 @@
 code github.com/merlresearch/SteeredDiffusion): plug-and-play restoration by correcting the sampler's clean
 estimate at every step with a loss that measures how far it is from the observation.
 
-What the official code does (``conditional_sample`` in its gaussian_diffusion.py), and so what is verified:
+From the paper's text (only its abstract and Figure 2's caption were readable here): the loss is taken on the
+model's implicit prediction of the clean image x0 (not on the noisy latent, as earlier plug-and-play guidance),
+an inner loop may repeat the correction N times per timestep, and the extra cost is negligible.
+
+From the official code (``conditional_sample`` in its gaussian_diffusion.py):
 
 - each step predicts the clean image x0_hat(x_t), corrects it to x0', then takes the sampler's step from x_t with
   x0' in place of x0_hat (the noise direction re-derived from x0', DDIM's eps = (x_t - sqrt(a) x0') / sqrt(1 - a));
 - for the linear inverse problems (inpainting, super-resolution, colourisation) the correction is a projection of
   the clean estimate onto the observation, x0' = x0_hat + A^+(y - A x0_hat), with no gradient through the
-  denoiser (hence the paper's "negligible additional computational cost");
+  denoiser (hence "negligible additional computational cost");
 - for losses of other networks (face parsing, identity, text) it is a gradient step x0' = x0_hat - s_t grad, with
-  the gradient taken w.r.t. x_t through the denoiser and s_t = sqrt(1 - alpha_bar_{t+1}) times the loss weight.
+  the gradient taken w.r.t. x_t through the denoiser and s_t = sqrt(1 - alpha_bar_{t+1}) times the loss weight;
+- its inner loop is set to one pass (its renoising between passes is then unused); DDIM with eta = 1.
 
 This module states the linear case for latent models, where the image is the VAE decoding D of the latent and
 the projection cannot be written down: the correction is a steepest-descent step on the measurement loss
@@ -20,9 +25,10 @@ decoder and strength 1 this step IS the official projection for inpainting and s
 multiple of the identity there, so the steepest-descent step lands on the observation), and the Moore-Penrose
 projection for colourisation (the official code swaps the luma of YCbCr, an oblique projection). Our choices:
 the line search (the decoder is not linear, and its Jacobian's scale differs between VAEs, so a fixed step
-would need tuning per model), the deterministic first-order step (the official code renoises with eta = 1), the
-gradient only through the decoder (no backward pass through the diffusion model), and no inner loop (the
-paper's repeated steps per timestep; the official code runs one).
+would need tuning per model), the deterministic first-order step (so that strength 0 is ComfyUI's Euler / DDIM
+sampler exactly), the gradient only through the decoder (no backward pass through the diffusion model; the
+official code's through-the-denoiser path belongs to its network losses, not to measurements), and the inner
+loop as repeated descent steps on the clean estimate without renoising (``iterations``).
 """
 import torch
 

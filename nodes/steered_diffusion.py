@@ -14,7 +14,10 @@ class TrainFreeSteeredDiffusion:
                    "1/2 ||y - A(decode(x0))||^2 with a line search, the gradient taken through the VAE decoder only "
                    "(one decode forward and backward, one more decode per step; no backward pass through the "
                    "diffusion model). At strength 1 and a linear decoder it is the official code's projection of "
-                   "the clean estimate onto the observation. For SamplerCustomAdvanced / SamplerCustom with the "
+                   "the clean estimate onto the observation. From the paper and its official code: correct the clean "
+                   "estimate, then step with it; no gradient through the denoiser for measurements. Ours: the line "
+                   "search, the deterministic step (official: eta 1), the iterations without renoising. For "
+                   "SamplerCustomAdvanced / SamplerCustom with the "
                    "latent of TrainFree Measurement's start_image (denoise 1, or lower to keep more of it). SD1.5, "
                    "SDXL, SD3, Flux. The run's report (steps steered, measurement residual) is logged.")
     RETURN_TYPES = ("SAMPLER",)
