@@ -174,3 +174,17 @@ def test_progress_callback_and_interrupt(tiny):
             run(model, "sd15", steered(measurement(), "sd15", 1.0))
     finally:
         comfy.model_management.interrupt_current_processing(False)
+
+
+@pytest.mark.parametrize("family, dtype", [("sd15", torch.float16), ("flux", torch.bfloat16)])
+def test_half_precision_models(pack, family, dtype):
+    """As GPUs run them (float16 UNet, bfloat16 DiT): strength 0 is core euler bit for bit, steering stays finite,
+    keeps ComfyUI's dtypes and lowers the residual."""
+    import comfy.samplers
+    model = tiny_models.make_model(family, dtype=dtype)
+    meas = measurement("super-resolution")
+    plain = run(model, family, comfy.samplers.sampler_object("euler"))
+    assert torch.equal(run(model, family, steered(meas, family, 0.0)), plain)
+    ours = run(model, family, steered(meas, family, 1.0))
+    assert ours.dtype == plain.dtype and torch.isfinite(ours).all()
+    assert residual(model, family, meas, ours) < 0.9 * residual(model, family, meas, plain)
