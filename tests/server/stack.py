@@ -30,12 +30,12 @@ SAMPLER_NODES = ("TrainFreeCFGPPSampler", "TrainFreeMomentumSampler")
 LINEAR_AG_NODES = ("TrainFreeLinearAGCalibrate",) + CALIBRATED_PATCHES
 CLASSIFIER_NODES = ("TrainFreeDiffusionClassifier",)
 JUDGE_NODES = ("TrainFreeDigitOracleJudge", "TrainFreePromptJudge", "TrainFreeCLIPJudge") + JUDGED_PATCHES
-RESTORATION_NODES = ("TrainFreeDegrade", "TrainFreeMeasurement")
+RESTORATION_NODES = ("TrainFreeDegrade", "TrainFreeMeasurement", "TrainFreeSteeredDiffusion")
 # the nodes the chains ``inversion=True`` adds hold
 CHAIN_NODES = (INVERSION_NODES + ("TrainFreeFreCaS",) + DIT_PATCHES + CACHE_NODES + SAMPLER_NODES + LINEAR_AG_NODES
                + CLASSIFIER_NODES + JUDGE_NODES + RESTORATION_NODES)
 # the decoded images of those chains (and the classifier's chart)
-CHAIN_IMAGES = ("87", "88", "79", "65", "56", "57", "38", "39", "34", "26", "105", "131")
+CHAIN_IMAGES = ("87", "88", "79", "65", "56", "57", "38", "39", "34", "26", "105", "131", "148")
 CHAIN_IMAGE_SLOTS = {"26": 2, "131": 1}  # output slots of those images other than 0: the classifier's chart, the
 # measurement's start image
 
@@ -321,4 +321,29 @@ def restoration_chain():
         "130": {"class_type": "TrainFreeDegrade", "inputs": {"image": ["94", 0], **degradation, "seed": 0}},
         "131": {"class_type": "TrainFreeMeasurement", "inputs": {"image": ["130", 0], **degradation}},
         "132": {"class_type": "SaveImage", "inputs": {"images": ["131", 1], "filename_prefix": "trainfree_measured"}},
+        **steered_chain(),
+    }
+
+
+def steered_chain():
+    """Steered Diffusion restoring a 64 px image from a 16 px observation (the sampled image 8x smaller), 3 steps,
+    decoded as node "148"."""
+    degradation = {"degradation": "super-resolution", "noise_level": 0.05}
+    return {
+        "140": {"class_type": "TrainFreeDegrade", "inputs": {"image": ["94", 0], **degradation, "factor": 8,
+                                                             "seed": 0}},
+        "141": {"class_type": "TrainFreeMeasurement", "inputs": {"image": ["140", 0], **degradation, "factor": 4}},
+        "142": {"class_type": "VAEEncode", "inputs": {"pixels": ["141", 1], "vae": ["1", 2]}},
+        "143": {"class_type": "TrainFreeSteeredDiffusion", "inputs": {"measurement": ["141", 0], "vae": ["1", 2],
+                                                                      "strength": 0.8, "iterations": 1}},
+        "144": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "normal", "steps": 3,
+                                                           "denoise": 1.0}},
+        "145": {"class_type": "RandomNoise", "inputs": {"noise_seed": 6}},
+        "146": {"class_type": "CFGGuider", "inputs": {"model": ["1", 0], "positive": ["90", 0], "negative": ["91", 0],
+                                                      "cfg": 3.0}},
+        "147": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["145", 0], "guider": ["146", 0],
+                                                                  "sampler": ["143", 0], "sigmas": ["144", 0],
+                                                                  "latent_image": ["142", 0]}},
+        "148": {"class_type": "VAEDecode", "inputs": {"samples": ["147", 0], "vae": ["1", 2]}},
+        "149": {"class_type": "SaveImage", "inputs": {"images": ["148", 0], "filename_prefix": "trainfree_steered"}},
     }

@@ -181,6 +181,15 @@ def test_latent_of_another_family_is_refused_by_name(server, object_info):
     assert message and "latent" in message.lower() and "channels" in message, message
 
 
+def test_steered_diffusion_latent_of_another_size_is_refused_by_name(server, object_info):
+    """The steered sampler given the stack's 128 px empty latent for a measurement that restores 64 px."""
+    prompt, node_id = _broken_prompt(object_info, "TrainFreeSteeredDiffusion", {})
+    sampler = next(k for k, n in prompt.items() if n["class_type"] == "SamplerCustomAdvanced"
+                   and n["inputs"]["sampler"] == [node_id, 0])
+    prompt[sampler]["inputs"]["latent_image"] = ["92", 0]
+    _check_refusal(server, prompt, sampler, "execution", "latent_image")
+
+
 def _loaded_schedule_prompt(object_info):
     """The chain that samples the loaded cache schedule: its loader's id and its sampler's id."""
     prompt, node_id = _broken_prompt(object_info, "TrainFreeLoadCacheSchedule", {})

@@ -217,9 +217,15 @@ def momentum_counterparts(inputs):
     return plain, {"beta": 1.0}, plain
 
 
+def steered_counterparts(inputs):
+    """Steered Diffusion against the Euler (= DDIM) sampler it steers, and at strength 0 equal to it."""
+    return "euler", {"strength": 0.0}, "euler"
+
+
 # node type -> its inputs -> (the core sampler it modifies, settings under which it is a core sampler, that sampler)
 SAMPLER_COUNTERPARTS = {"TrainFreeCFGPPSampler": cfgpp_counterparts,
-                        "TrainFreeMomentumSampler": momentum_counterparts}
+                        "TrainFreeMomentumSampler": momentum_counterparts,
+                        "TrainFreeSteeredDiffusion": steered_counterparts}
 
 
 def with_core_sampler(prompt, key, name):
