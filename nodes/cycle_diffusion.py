@@ -120,10 +120,14 @@ class TrainFreeCycleDiffusionSampler:
     DESCRIPTION = ("Replays a DPM latent (TrainFree DPM-Encoder) as a SAMPLER for SamplerCustomAdvanced: the "
                    "encoded sampler's steps from the stored noisy start with the stored noises. With the source "
                    "prompt it reconstructs the image; with a target prompt (CFGGuider) it translates it "
-                   "(CycleDiffusion). The sigmas must be the encoded ones; the run's noise and latent values are not "
-                   "used (connect the encoded latent, or any latent of its shape).")
+                   "(CycleDiffusion). Connect its sigmas and latent outputs too: the sigmas must be the encoded "
+                   "ones and the latent image of the encoded shape (its values and the run's noise are not used).")
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("SAMPLER",)
+    RETURN_TYPES = ("SAMPLER", "SIGMAS", "LATENT")
+    RETURN_NAMES = ("sampler", "sigmas", "latent")
+    OUTPUT_TOOLTIPS = ("The replay, for SamplerCustomAdvanced's sampler input.",
+                       "The encoded schedule, for SamplerCustomAdvanced's sigmas input.",
+                       "An empty latent of the encoded shape, for SamplerCustomAdvanced's latent_image input.")
     FUNCTION = "build"
 
     @classmethod
@@ -135,7 +139,8 @@ class TrainFreeCycleDiffusionSampler:
             check_model(dpm_latent, host.fingerprint(model))
             check_sigmas(dpm_latent, sigmas)
             check_shape(dpm_latent, x.shape)
-        return (host.replay_sampler(dpm_latent, check),)
+        empty = {"samples": torch.zeros(dpm_latent.start.shape)}
+        return (host.replay_sampler(dpm_latent, check), dpm_latent.sigmas.clone(), empty)
 
 
 class TrainFreeSaveDPMLatent:

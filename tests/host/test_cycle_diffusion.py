@@ -165,6 +165,15 @@ def test_the_flow_branch_is_comfyuis_rectified_flow_step(encoded):
     assert (other - ours).abs().max() > 1e-2 * ours.abs().max()
 
 
+def test_the_sampler_node_gives_the_encoded_sigmas_and_an_empty_latent_of_the_encoded_shape(encoded):
+    model, recorder, sigmas, dpm, _ = encoded("sd3", "ddpm")
+    sampler, given_sigmas, empty = engine_node("TrainFreeCycleDiffusionSampler", dpm_latent=dpm)
+    assert torch.equal(given_sigmas, sigmas.float()) and empty["samples"].shape == dpm.start.shape
+    assert torch.equal(sample_advanced(model, "sd3", sampler, given_sigmas, 3.0, lat=empty),
+                       replay(model, "sd3", dpm, sigmas, 3.0))
+    recorder.args.clear()
+
+
 def test_a_target_prompt_translates(encoded):
     model, recorder, sigmas, dpm, encoding = encoded("sd15", "euler_ancestral")
     source = replay(model, "sd15", dpm, sigmas)

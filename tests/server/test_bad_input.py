@@ -69,6 +69,9 @@ def _cases(object_info):
     yield ("prompt-judge-one-prompt", "TrainFreePromptJudge", {"prompts": "a digit"}, "execution", "prompts")
     yield ("p2p-source-text-differs", "TrainFreePromptToPrompt", {"source_text": "a digit"}, "execution",
            "source_text")
+    yield ("dpm-encoder-deterministic-sampler", "TrainFreeDPMEncoder", {"sampler": ["60", 0]}, "execution",
+           "sampler")  # the cascade chain's KSamplerSelect: euler
+    yield ("dpm-encoder-ancestral-eta-zero", "SamplerEulerAncestral", {"eta": 0.0}, "execution", "eta")
 
 
 @pytest.fixture(scope="module")
