@@ -122,7 +122,8 @@ def _only_through(prompt, node_id):
                 seen.add(parent)
                 ancestors(parent, seen)
         return seen
-    outputs = [k for k, n in prompt.items() if n["class_type"] in ("SaveImage", "TrainFreeSaveInversion")
+    outputs = [k for k, n in prompt.items()
+               if n["class_type"] in ("SaveImage", "TrainFreeSaveInversion", "TrainFreeSaveDPMLatent")
                and (k == node_id or node_id in ancestors(k, set()))]
     keep = set(outputs).union(*(ancestors(k, set()) for k in outputs))
     return {k: n for k, n in prompt.items() if k in keep}
