@@ -107,8 +107,11 @@ class TrainFreeDPMEncoder:
 
         start, noises, error = host.run_loop(model, positive, negative, cfg, samples.shape, sigmas, body, seed=seed)
         summary = (f"DPM-Encoder: {kind} (eta {eta:g}, s_noise {s_noise:g}), {len(sigmas) - 1} steps from sigma "
-                   f"{float(sigmas[0]):.4g} to {float(sigmas[-1]):.4g}; replaying with the source prompt ends "
-                   f"{error:.3g} (relative RMS) from the image's latent")
+                   f"{float(sigmas[0]):.4g} to {float(sigmas[-1]):.4g}; ")
+        if float(sigmas[-1]) == 0:
+            summary += f"replaying with the source prompt ends {error:.3g} (relative RMS) from the image's latent"
+        else:
+            summary += "the schedule stops above sigma 0, so the replay ends on a noisy latent"
         log.info("TrainFree %s", summary)
         result = ops.DPMLatent(start=start.float(), noises=noises.float(), sigmas=sigmas.detach().float().cpu(),
                                sampler=kind, eta=eta, s_noise=s_noise, flow=flow, model=host.fingerprint(model),
