@@ -71,7 +71,6 @@ def _cases(object_info):
            "source_text")
     yield ("dpm-encoder-deterministic-sampler", "TrainFreeDPMEncoder", {"sampler": ["60", 0]}, "execution",
            "sampler")  # the cascade chain's KSamplerSelect: euler
-    yield ("dpm-encoder-ancestral-eta-zero", "SamplerEulerAncestral", {"eta": 0.0}, "execution", "eta")
 
 
 @pytest.fixture(scope="module")
