@@ -100,7 +100,7 @@ def test_replay_with_the_source_prompt_retraces_the_encoding(encoded, family, va
     replaying = list(recorder.args)
     recorder.args.clear()
     assert len(replaying) == len(encoding) == STEPS
-    for step, (seen, made) in enumerate(zip(replaying, encoding)):
+    for seen, made in zip(replaying, encoding):
         close(seen["input"], made["input"])
         close(seen["denoised"], made["denoised"])
     last = replaying[-1]["denoised"] if float(sigmas[-1]) == 0 else None
@@ -132,7 +132,6 @@ def comfy_reference(dpm, name, options):
 def test_replay_equals_comfyuis_own_sampler_fed_the_stored_noises(encoded, family, variant):
     model, recorder, sigmas, dpm, _ = encoded(family, variant)
     name, options, cfg, _ = VARIANTS[variant]
-    target, _ = prompts(family)
     target = tiny_models.conditioning(family, seed=9)  # a translation, not only the reconstruction
     ours = replay(model, family, dpm, sigmas, cfg, positive=target)
     reference = sample_advanced(model, family, comfy_reference(dpm, name, options), sigmas, cfg, positive=target)
@@ -144,12 +143,12 @@ def test_the_flow_branch_is_comfyuis_rectified_flow_step(encoded):
     """On flow models ComfyUI's euler_ancestral runs sample_euler_ancestral_RF: fed the same noises, it and the
     eps-form step disagree, and the replay agrees with the former."""
     import comfy.k_diffusion.sampling as k
+    import comfy.samplers
     model, recorder, sigmas, dpm, _ = encoded("flux", "euler_ancestral_eta")
     options = VARIANTS["euler_ancestral_eta"][1]
     ours = replay(model, "flux", dpm, sigmas, 3.0)
     rf = sample_advanced(model, "flux", comfy_reference(dpm, "euler_ancestral_RF", options), sigmas, 3.0)
     close(ours, rf, tol=1e-5)
-    import comfy.samplers
 
     def eps_form(model_k, x, sigmas_, extra_args=None, callback=None, disable=None):
         s_in = x.new_ones([x.shape[0]])
