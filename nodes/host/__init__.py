@@ -23,6 +23,8 @@
 - ``gradients``: gradients through the model despite ComfyUI's inference mode (null-text inversion);
 - ``pixel_loss``: latents decoded to pixels with gradients through the VAE (the restorers' measurement loss);
 - ``steering``: Steered Diffusion's sampler (each step's clean estimate corrected by the measurement loss);
+- ``dpm_encoder``: CycleDiffusion's DPM latents (which ComfyUI sampler a SAMPLER runs, their replay as a SAMPLER,
+  their files);
 - ``inversion_store``: inversions as files in ComfyUI's folders, and the model fingerprint they carry;
 - ``schedule_store``: cache schedules as files in ComfyUI's folders and the pack's presets;
 - ``calibration_store``: LinearAG calibrations as files in ComfyUI's folders;
@@ -54,6 +56,11 @@ from .evaluation import (add_extra_cond_pass, add_guidance_delta, add_post_cfg, 
 from .gradients import differentiating, trainable
 from .pixel_loss import PixelDecoder
 from .steering import steered_sampler
+from .dpm_encoder import DPM_SUBFOLDER, flow_noise_scale, identify_sampler, replay_sampler
+from .dpm_encoder import file_stamp as dpm_latent_file_stamp
+from .dpm_encoder import load as load_dpm_latent
+from .dpm_encoder import save as save_dpm_latent
+from .dpm_encoder import saved_names as saved_dpm_latents
 from .inversion_store import SUBFOLDER, as_conditioning, conditioning_tensors, fingerprint
 from .inversion_store import file_stamp as inversion_file_stamp
 from .inversion_store import load as load_inversion

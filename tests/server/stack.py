@@ -2,8 +2,9 @@
 followed by every inversion node (inversion, null-text, prompt-to-prompt, save / load, sampling, FlowOpt on the
 Flux-class model, whose sampler runs through the DiT block cache), a FreCaS cascade on the stacked model, and the
 cache schedule nodes (a schedule searched, and one loaded, each sampled through DeepCache), the pack's samplers,
-LinearAG (calibrated, then sampled with the calibration), the Diffusion Classifier (on the sampled image) and
-GFCG steered by each judge.
+LinearAG (calibrated, then sampled with the calibration), the Diffusion Classifier (on the sampled image),
+GFCG steered by each judge and CycleDiffusion (a DPM-Encoder's latent saved, the example workflows' one loaded and
+translated).
 
 The patches and their settings come from the server's /object_info (defaults), so a new MODEL -> MODEL node joins
 the stack, and the bad-input table, by itself. A second model input (guide, weak model) gets a second copy of the
@@ -31,11 +32,14 @@ LINEAR_AG_NODES = ("TrainFreeLinearAGCalibrate",) + CALIBRATED_PATCHES
 CLASSIFIER_NODES = ("TrainFreeDiffusionClassifier",)
 JUDGE_NODES = ("TrainFreeDigitOracleJudge", "TrainFreePromptJudge", "TrainFreeCLIPJudge") + JUDGED_PATCHES
 RESTORATION_NODES = ("TrainFreeDegrade", "TrainFreeMeasurement", "TrainFreeSteeredDiffusion")
+CYCLE_NODES = ("TrainFreeDPMEncoder", "TrainFreeSaveDPMLatent", "TrainFreeLoadDPMLatent",
+               "TrainFreeCycleDiffusionSampler")
+LOADED_DPM_LATENT = "trainfree_red_seven_00001.safetensors"  # workflows/input/dpm_latents (cycle_diffusion_sd15)
 # the nodes the chains ``inversion=True`` adds hold
 CHAIN_NODES = (INVERSION_NODES + ("TrainFreeFreCaS",) + DIT_PATCHES + CACHE_NODES + SAMPLER_NODES + LINEAR_AG_NODES
-               + CLASSIFIER_NODES + JUDGE_NODES + RESTORATION_NODES)
+               + CLASSIFIER_NODES + JUDGE_NODES + RESTORATION_NODES + CYCLE_NODES)
 # the decoded images of those chains (and the classifier's chart)
-CHAIN_IMAGES = ("87", "88", "79", "65", "56", "57", "38", "39", "34", "26", "105", "131", "148")
+CHAIN_IMAGES = ("87", "88", "79", "65", "56", "57", "38", "39", "34", "26", "105", "131", "148", "129")
 CHAIN_IMAGE_SLOTS = {"26": 2, "131": 1}  # output slots of those images other than 0: the classifier's chart, the
 # measurement's start image
 
@@ -94,6 +98,7 @@ def stack_prompt(object_info, patches=None, width=128, height=128, batch=1, step
         prompt.update(classifier_chain(caption))
         prompt.update(judge_chain(caption, steps, seed))
         prompt.update(restoration_chain())
+        prompt.update(cycle_chain(steps))
     return {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in prompt.items()}
 
 
@@ -346,4 +351,29 @@ def steered_chain():
                                                                   "latent_image": ["142", 0]}},
         "148": {"class_type": "VAEDecode", "inputs": {"samples": ["147", 0], "vae": ["1", 2]}},
         "149": {"class_type": "SaveImage", "inputs": {"images": ["148", 0], "filename_prefix": "trainfree_steered"}},
+    }
+
+
+def cycle_chain(steps):
+    """CycleDiffusion on the reference model: the sampled image DPM-encoded with the ancestral sampler (partial
+    schedule, source caption) and saved; the example workflows' saved DPM latent (a real red seven) loaded and
+    translated to the caption through SamplerCustomAdvanced on its own schedule, decoded as node "129"."""
+    return {
+        "120": {"class_type": "SamplerEulerAncestral", "inputs": {"eta": 1.0, "s_noise": 1.0}},
+        "121": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "normal", "steps": steps,
+                                                           "denoise": 0.6}},
+        "122": {"class_type": "TrainFreeDPMEncoder", "inputs": {
+            "model": ["1", 0], "positive": ["90", 0], "cfg": 1.0, "latent": ["93", 0], "sampler": ["120", 0],
+            "sigmas": ["121", 0], "seed": 0}},
+        "123": {"class_type": "TrainFreeSaveDPMLatent", "inputs": {"dpm_latent": ["122", 0],
+                                                                   "filename_prefix": "trainfree_stack"}},
+        "124": {"class_type": "TrainFreeLoadDPMLatent", "inputs": {"dpm_latent_file": LOADED_DPM_LATENT}},
+        "125": {"class_type": "TrainFreeCycleDiffusionSampler", "inputs": {"dpm_latent": ["124", 0]}},
+        "127": {"class_type": "CFGGuider", "inputs": {"model": ["1", 0], "positive": ["90", 0],
+                                                      "negative": ["91", 0], "cfg": 1.0}},
+        "128": {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["43", 0], "guider": ["127", 0], "sampler": ["125", 0], "sigmas": ["125", 1],
+            "latent_image": ["125", 2]}},
+        "129": {"class_type": "VAEDecode", "inputs": {"samples": ["128", 0], "vae": ["1", 2]}},
+        "126": {"class_type": "SaveImage", "inputs": {"images": ["129", 0], "filename_prefix": "trainfree_cycle"}},
     }

@@ -71,6 +71,8 @@ def _cases(object_info):
            "execution", "noise_level")
     yield ("p2p-source-text-differs", "TrainFreePromptToPrompt", {"source_text": "a digit"}, "execution",
            "source_text")
+    yield ("dpm-encoder-deterministic-sampler", "TrainFreeDPMEncoder", {"sampler": ["60", 0]}, "execution",
+           "sampler")  # the cascade chain's KSamplerSelect: euler
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +123,8 @@ def _only_through(prompt, node_id):
                 seen.add(parent)
                 ancestors(parent, seen)
         return seen
-    outputs = [k for k, n in prompt.items() if n["class_type"] in ("SaveImage", "TrainFreeSaveInversion")
+    outputs = [k for k, n in prompt.items()
+               if n["class_type"] in ("SaveImage", "TrainFreeSaveInversion", "TrainFreeSaveDPMLatent")
                and (k == node_id or node_id in ancestors(k, set()))]
     keep = set(outputs).union(*(ancestors(k, set()) for k in outputs))
     return {k: n for k, n in prompt.items() if k in keep}

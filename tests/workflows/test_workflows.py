@@ -194,6 +194,10 @@ def has_cascade(path):
     return any(n["type"] in run_workflows.CASCADE_NODES for n in json.load(open(path))["nodes"])
 
 
+def has_dpm_replay(path):
+    return any(n["type"] == "TrainFreeCycleDiffusionSampler" for n in json.load(open(path))["nodes"])
+
+
 def sampler_nodes(prompt):
     """Ids of the pack's SAMPLER nodes (solvers for SamplerCustomAdvanced) in an API prompt."""
     return [key for key, node in prompt.items() if node["class_type"] in SAMPLER_COUNTERPARTS]
@@ -274,7 +278,7 @@ def test_cascade_workflow_runs_and_its_stages_act(engine, path, tmp_path):
 
 
 @pytest.mark.parametrize("path", [p for p in PATHS if not has_patch(p) and not has_cascade(p) and not has_sampler(p)
-                                  and not has_classifier(p)], ids=os.path.basename)
+                                  and not has_classifier(p) and not has_dpm_replay(p)], ids=os.path.basename)
 def test_inversion_workflow_runs_and_edits_the_image(engine, path, tmp_path):
     """Workflows without a MODEL patch invert a loaded image and edit it: every edit differs from the encoded
     image, and the images are written."""
@@ -370,3 +374,27 @@ def test_classifier_workflow_names_the_caption_of_the_loaded_digit(engine, path,
             assert run_workflows.DIGIT_CAPTION in candidates and best == run_workflows.DIGIT_CAPTION, scores
             assert sorted(line.split("  ")[-1] for line in scores) == sorted(candidates)
     assert saved_images(outputs, "temp")
+
+
+@pytest.mark.parametrize("path", [p for p in PATHS if has_dpm_replay(p)], ids=os.path.basename)
+def test_cycle_diffusion_workflow_runs_and_translates(engine, path, tmp_path):
+    """The replay of a DPM latent writes its image; where the workflow encodes the image itself, the translation
+    moves away from the image, and the same replay with the encoding's source prompt reconstructs it (within a
+    fifth of the translation's distance: the reference model's one-step denoise at the last noisy step)."""
+    prompt = run_workflows.to_test_prompt(path)
+    (key,) = [k for k, v in prompt.items() if v["class_type"] == "SamplerCustomAdvanced"]
+    translation, outputs = cascade_output(prompt, tmp_path)
+    assert saved_images(outputs) and torch.isfinite(translation).all()
+    encoders = [v for v in prompt.values() if v["class_type"] == "TrainFreeDPMEncoder"]
+    if not encoders:
+        return
+    image = prompt[encoders[0]["inputs"]["latent"][0]]
+    prompt["collect_image"] = {"class_type": "HarnessCollectLatent",
+                               "inputs": {"samples": encoders[0]["inputs"]["latent"], "key": "image"}}
+    source = json.loads(json.dumps(prompt))
+    source[prompt[key]["inputs"]["guider"][0]]["inputs"]["positive"] = encoders[0]["inputs"]["positive"]
+    reconstruction, _ = cascade_output(source)
+    encoded = _latents["image"]
+    assert image["class_type"] == "VAEEncode"
+    assert (translation - encoded).abs().max() > 1e-2
+    assert (reconstruction - encoded).norm() < 0.2 * (translation - encoded).norm()
