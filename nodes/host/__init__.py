@@ -22,6 +22,7 @@
 - ``feature_cache``: features kept across sampling steps and reused (DeepCache on UNets, block caching on DiTs);
 - ``gradients``: gradients through the model despite ComfyUI's inference mode (null-text inversion);
 - ``pixel_loss``: latents decoded to pixels with gradients through the VAE (the restorers' measurement loss);
+- ``restoration``: restoration by optimising the latent against a measurement (RED-diff) as a SAMPLER;
 - ``inversion_store``: inversions as files in ComfyUI's folders, and the model fingerprint they carry;
 - ``schedule_store``: cache schedules as files in ComfyUI's folders and the pack's presets;
 - ``calibration_store``: LinearAG calibrations as files in ComfyUI's folders;
@@ -52,6 +53,8 @@ from .evaluation import (add_extra_cond_pass, add_guidance_delta, add_post_cfg, 
                          run_conditioning, uncond_pass_runs)
 from .gradients import differentiating, trainable
 from .pixel_loss import PixelDecoder
+from .restoration import RestorationError, red_diff_sampler
+from .restoration import Settings as RedDiffSettings
 from .inversion_store import SUBFOLDER, as_conditioning, conditioning_tensors, fingerprint
 from .inversion_store import file_stamp as inversion_file_stamp
 from .inversion_store import load as load_inversion
