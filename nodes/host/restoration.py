@@ -69,26 +69,27 @@ class _Run:
         check_latent(self.patcher, latent)
         if self.extra.get("denoise_mask") is not None:
             raise RestorationError(f"{TITLE} restores the whole image from its measurement and cannot take a latent "
-                                   f"noise mask: remove SetLatentNoiseMask (for inpainting, give TrainFree "
-                                   f"Measurement the mask)")
+                                   f"noise mask: connect the latent without SetLatentNoiseMask (for inpainting, "
+                                   f"connect the mask to TrainFree Measurement)")
         if float(self.sigmas[-1]) != 0:
-            raise RestorationError(f"{TITLE}'s result is the restored latent itself: give it sigmas that end at 0 "
+            raise RestorationError(f"{TITLE}'s result is the restored latent itself: use sigmas that end at 0 "
                                    f"(BasicScheduler or another scheduler node, not the high part of SplitSigmas)")
         if not self.steps:
-            raise RestorationError(f"{TITLE} needs at least one sigma above 0 (one Adam iteration per sigma): give it "
-                                   f"a schedule with steps")
+            raise RestorationError(f"{TITLE} needs at least one sigma above 0 (one Adam iteration per sigma): use a "
+                                   f"schedule with steps")
         height, width = self.measurement.restored_size()
         if tuple(latent.shape[-2:]) != (height // 8, width // 8):
             raise RestorationError(f"the latent is {latent.shape[-1] * 8} x {latent.shape[-2] * 8} px but the "
-                                   f"measurement restores a {width} x {height} px image: VAE-encode TrainFree "
-                                   f"Measurement's start_image for the sampler's latent_image")
+                                   f"measurement restores a {width} x {height} px image: connect VAE Encode of "
+                                   f"TrainFree Measurement's start_image to the sampler's latent_image")
         observed = self.measurement.observed
         if observed.shape[0] not in (1, latent.shape[0]):
-            raise RestorationError(f"the measurement holds {observed.shape[0]} images but the latent {latent.shape[0]}"
-                                   f": VAE-encode the measurement's start_image (one latent per observed image)")
+            raise RestorationError(f"the measurement holds {observed.shape[0]} images but the latent_image "
+                                   f"{latent.shape[0]}: connect VAE Encode of the measurement's start_image (one "
+                                   f"latent per observed image)")
         if not torch.isfinite(observed).all():
-            raise RestorationError(f"the observed image of the measurement holds NaN or infinite values: check the "
-                                   f"image fed to TrainFree Measurement")
+            raise RestorationError(f"the observed image of the measurement holds NaN or infinite values: use an "
+                                   f"image without them in TrainFree Measurement")
         if getattr(self.vae, "latent_channels", latent.shape[1]) != latent.shape[1]:
             raise RestorationError(f"the VAE makes {self.vae.latent_channels}-channel latents but the model works on "
                                    f"{latent.shape[1]}: connect this model's VAE")
@@ -98,8 +99,8 @@ class _Run:
         latent = torch.zeros_like(x) if latent is None else latent
         self._check(latent)
         if not torch.isfinite(latent).all():
-            raise RestorationError("the latent image holds NaN or infinite values: VAE-encode the measurement's "
-                                   "start_image again")
+            raise RestorationError("the latent_image holds NaN or infinite values: connect VAE Encode of the "
+                                   "measurement's start_image")
         settings, device = self.settings, x.device
         decoder = PixelDecoder(self.vae, self.patcher)
         noise_sampler = comfy.k_diffusion.sampling.default_noise_sampler(x, seed=self.extra.get("seed"))

@@ -222,7 +222,7 @@ def test_bad_inputs_are_refused_by_name(tiny):
     model = tiny("sd15")
     vae, measurement, latent = setup("sd15")
     sigmas = schedule(model, 2)
-    with pytest.raises(ValueError, match="VAE-encode TrainFree Measurement's start_image"):
+    with pytest.raises(ValueError, match="connect VAE Encode of TrainFree Measurement's start_image"):
         restore(model, "sd15", red_diff(measurement, vae), sigmas, torch.zeros(1, 4, 4, 4))
     with pytest.raises(ValueError, match="connect the model's VAE"):
         red_diff(measurement, None)
