@@ -4,6 +4,7 @@ same number of model evaluations, scored by PSNR / SSIM to the clean digit and b
 
     python -m bench.restoration_quality --model sd15 --out docs/bench --grid-dir docs/quality
     python -m bench.restoration_quality --model flux --out docs/bench --grid-dir docs/quality
+    python -m bench.restoration_quality --tables docs/bench/restoration_sd15.json docs/bench/restoration_flux.json
 
 Each restorer is one entry of ``METHODS`` (name -> function adding its nodes to a digit's API prompt and returning
 the restored latent), so another restorer joins by adding an entry. Everything runs through ComfyUI's execution
@@ -155,8 +156,8 @@ def tables(result):
     lines = ["| task | method | PSNR (dB) | SSIM | oracle accuracy | s / restoration |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:
         seconds = f"{r['seconds_per_restoration']:.1f}" if "seconds_per_restoration" in r else "-"
-        lines.append(f"| {r['task']} | {r['method']} | {r['psnr']:.2f} | {r['ssim']:.3f} | "
-                     f"{r['oracle_accuracy']:.2f} | {seconds} |")
+        fidelity = "- | -" if r["task"] == "clean" else f"{r['psnr']:.2f} | {r['ssim']:.3f}"
+        lines.append(f"| {r['task']} | {r['method']} | {fidelity} | {r['oracle_accuracy']:.2f} | {seconds} |")
     return "\n".join(lines)
 
 
@@ -169,7 +170,14 @@ def main():
     parser.add_argument("--out", default=OUT, help="folder for restoration_<model>.json")
     parser.add_argument("--grid-dir", help="folder for restoration_<model>.png (default: --out)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tables", nargs="+", metavar="JSON", help="print the tables of saved results and stop")
     args = parser.parse_args()
+    if args.tables:
+        for path in args.tables:
+            with open(path) as f:
+                saved = json.load(f)
+            print(f"{saved['rows'][0]['model']}: {saved['command']}\n\n{tables(saved)}\n")
+        return
     torch.set_num_threads(args.threads)
     result = run(args.model, args.count, args.out, args.grid_dir, tuple(args.methods.split(",")),
                  tuple(args.tasks.split(",")))
