@@ -31,7 +31,8 @@ SAMPLER_NODES = ("TrainFreeCFGPPSampler", "TrainFreeMomentumSampler")
 LINEAR_AG_NODES = ("TrainFreeLinearAGCalibrate",) + CALIBRATED_PATCHES
 CLASSIFIER_NODES = ("TrainFreeDiffusionClassifier",)
 JUDGE_NODES = ("TrainFreeDigitOracleJudge", "TrainFreePromptJudge", "TrainFreeCLIPJudge") + JUDGED_PATCHES
-RESTORATION_NODES = ("TrainFreeDegrade", "TrainFreeMeasurement", "TrainFreeSteeredDiffusion")
+RESTORATION_NODES = ("TrainFreeDegrade", "TrainFreeMeasurement", "TrainFreeREDDiff",
+                     "TrainFreeSteeredDiffusion")
 CYCLE_NODES = ("TrainFreeDPMEncoder", "TrainFreeSaveDPMLatent", "TrainFreeLoadDPMLatent",
                "TrainFreeCycleDiffusionSampler")
 LOADED_DPM_LATENT = "trainfree_red_seven_00001.safetensors"  # workflows/input/dpm_latents (cycle_diffusion_sd15)
@@ -39,7 +40,8 @@ LOADED_DPM_LATENT = "trainfree_red_seven_00001.safetensors"  # workflows/input/d
 CHAIN_NODES = (INVERSION_NODES + ("TrainFreeFreCaS",) + DIT_PATCHES + CACHE_NODES + SAMPLER_NODES + LINEAR_AG_NODES
                + CLASSIFIER_NODES + JUDGE_NODES + RESTORATION_NODES + CYCLE_NODES)
 # the decoded images of those chains (and the classifier's chart)
-CHAIN_IMAGES = ("87", "88", "79", "65", "56", "57", "38", "39", "34", "26", "105", "131", "148", "129")
+CHAIN_IMAGES = ("87", "88", "79", "65", "56", "57", "38", "39", "34", "26", "105", "131", "138", "148",
+                "129")
 CHAIN_IMAGE_SLOTS = {"26": 2, "131": 1}  # output slots of those images other than 0: the classifier's chart, the
 # measurement's start image
 
@@ -320,12 +322,27 @@ def judge_chain(caption, steps, seed=0):
 
 
 def restoration_chain():
-    """The first sampled image degraded (4x smaller) and measured; the measurement's start image is node "131"."""
+    """The first sampled image degraded (4x smaller) and measured; the measurement's start image is node "131".
+    RED-diff restores it on the reference model (3 iterations, the caption at cfg 1, the sampler chain's noise
+    "43"), decoded as node "138"."""
     degradation = {"degradation": "super-resolution", "factor": 4, "noise_level": 0.05}
     return {
         "130": {"class_type": "TrainFreeDegrade", "inputs": {"image": ["94", 0], **degradation, "seed": 0}},
         "131": {"class_type": "TrainFreeMeasurement", "inputs": {"image": ["130", 0], **degradation}},
         "132": {"class_type": "SaveImage", "inputs": {"images": ["131", 1], "filename_prefix": "trainfree_measured"}},
+        "133": {"class_type": "VAEEncode", "inputs": {"pixels": ["131", 1], "vae": ["1", 2]}},
+        "134": {"class_type": "TrainFreeREDDiff", "inputs": {
+            "measurement": ["131", 0], "vae": ["1", 2], "learning_rate": 0.5, "lambda": 0.25,
+            "observation_weight": 1.0, "weighting": "linear"}},
+        "135": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "normal", "steps": 3,
+                                                           "denoise": 1.0}},
+        "136": {"class_type": "CFGGuider", "inputs": {"model": ["1", 0], "positive": ["90", 0],
+                                                      "negative": ["91", 0], "cfg": 1.0}},
+        "137": {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["43", 0], "guider": ["136", 0], "sampler": ["134", 0], "sigmas": ["135", 0],
+            "latent_image": ["133", 0]}},
+        "138": {"class_type": "VAEDecode", "inputs": {"samples": ["137", 0], "vae": ["1", 2]}},
+        "139": {"class_type": "SaveImage", "inputs": {"images": ["138", 0], "filename_prefix": "trainfree_red_diff"}},
         **steered_chain(),
     }
 

@@ -229,6 +229,20 @@ def test_a_malformed_schedule_file_is_refused_by_name(server, object_info):
         os.remove(path)
 
 
+def test_red_diff_refuses_a_latent_of_another_size_and_a_missing_vae(server, object_info):
+    """RED-diff starts from the VAE-encoded start image of its measurement: a latent of another size is refused by
+    the sampler naming latent_image; without its VAE the node does not validate."""
+    prompt, node_id = _broken_prompt(object_info, "TrainFreeREDDiff", {})
+    sampler = next(k for k, n in prompt.items() if n["class_type"] == "SamplerCustomAdvanced"
+                   and n["inputs"]["sampler"] == [node_id, 0])
+    prompt["80"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    prompt[sampler]["inputs"]["latent_image"] = ["80", 0]
+    _check_refusal(server, prompt, sampler, "execution", "latent_image")
+    prompt, node_id = _broken_prompt(object_info, "TrainFreeREDDiff", {})
+    del prompt[node_id]["inputs"]["vae"]
+    _check_refusal(server, prompt, node_id, "validation", "vae")
+
+
 @pytest.mark.parametrize("width, height, batch", [(136, 72, 3), (64, 64, 2)])
 def test_odd_sizes_and_batches_run(server, object_info, width, height, batch):
     entry = server.run(stack_prompt(object_info, width=width, height=height, batch=batch, steps=3))

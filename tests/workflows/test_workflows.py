@@ -27,7 +27,8 @@ NEUTRAL = {"TrainFreePAG": {"scale": 0.0},
            "TrainFreeAdaptiveGuidance": {"threshold": 1.0},
            "TrainFreeGFCG": {"scale": 0.0},
            "TrainFreeDynamicCFG": {"start_percent": 1.0, "end_percent": 1.0},
-           "TrainFreeNASA": {"alpha": 0.0}}
+           "TrainFreeNASA": {"alpha": 0.0},
+           "TrainFreeREDDiff": {"lambda": 0.0, "observation_weight": 0.0}}  # the start latent, unmoved
 _CollectLatent, _latents = collect.collector("samples", "LATENT", take=lambda samples: samples["samples"])
 # Patches with no neutral setting that save model evaluations instead: the workflow's samplers push fewer batch
 # rows through the model than with the patch bypassed.
@@ -190,6 +191,13 @@ def has_classifier(path):
     return any(n["type"] in run_workflows.CLASSIFIER_NODES for n in json.load(open(path))["nodes"])
 
 
+RESTORERS = ("TrainFreeREDDiff",)  # SAMPLERs that restore the latent they are given from a measurement
+
+
+def has_restorer(path):
+    return any(n["type"] in RESTORERS for n in json.load(open(path))["nodes"])
+
+
 def has_cascade(path):
     return any(n["type"] in run_workflows.CASCADE_NODES for n in json.load(open(path))["nodes"])
 
@@ -278,7 +286,8 @@ def test_cascade_workflow_runs_and_its_stages_act(engine, path, tmp_path):
 
 
 @pytest.mark.parametrize("path", [p for p in PATHS if not has_patch(p) and not has_cascade(p) and not has_sampler(p)
-                                  and not has_classifier(p) and not has_dpm_replay(p)], ids=os.path.basename)
+                                  and not has_classifier(p) and not has_dpm_replay(p) and not has_restorer(p)],
+                         ids=os.path.basename)
 def test_inversion_workflow_runs_and_edits_the_image(engine, path, tmp_path):
     """Workflows without a MODEL patch invert a loaded image and edit it: every edit differs from the encoded
     image, and the images are written."""
@@ -356,6 +365,26 @@ def test_sampler_workflow_runs_and_its_sampler_acts(engine, path, tmp_path):
     ours, _ = cascade_output(equivalent)
     core = plain if core_name == plain_name else cascade_output(with_core_sampler(prompt, key, core_name))[0]
     torch.testing.assert_close(ours, core, rtol=1e-4, atol=1e-4 * float(core.abs().max()))
+
+
+@pytest.mark.parametrize("path", [p for p in PATHS if has_restorer(p)], ids=os.path.basename)
+def test_restoration_workflow_runs_and_restores(engine, path, tmp_path):
+    """The restorer moves the start latent it is given (the VAE-encoded start image of the measurement) and the
+    images are written; at its neutral setting (no weight on either term) it returns that start latent."""
+    prompt = run_workflows.to_test_prompt(path)
+    (encoder,) = [k for k, v in prompt.items() if v["class_type"] == "VAEEncode"]
+    prompt["collect_start"] = {"class_type": "HarnessCollectLatent", "inputs": {"samples": [encoder, 0],
+                                                                                "key": "start"}}
+    latent, outputs = cascade_output(prompt, tmp_path)
+    start = _latents["start"]
+    images = saved_images(outputs)
+    assert images and all(os.path.getsize(tmp_path / name) > 0 for name in images)
+    assert torch.isfinite(latent).all() and latent.shape == start.shape
+    assert (latent - start).abs().max() > 1e-3, "the restorer left the start latent as it was"
+    (key,) = [k for k, v in prompt.items() if v["class_type"] in RESTORERS]
+    neutralised(prompt, key)
+    neutral, _ = cascade_output(prompt)
+    torch.testing.assert_close(neutral, _latents["start"], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("path", [p for p in PATHS if has_classifier(p)], ids=os.path.basename)
