@@ -6,25 +6,14 @@ runs in a fresh process, since the peak only grows.
 """
 import argparse
 import json
-import resource
-import subprocess
-import sys
 
 import torch
 
-
-def peak_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from bench.memory import in_fresh_process, node_runner, peak_mib
 
 
 def measure(batch, steps):
-    from harness import comfy_host
-    comfy_host.boot()
-    import nodes
-
-    def node(class_type, **inputs):
-        cls = nodes.NODE_CLASS_MAPPINGS[class_type]
-        return getattr(cls(), cls.FUNCTION)(**inputs)
+    node = node_runner()
     torch.set_num_threads(1)
     with torch.inference_mode():
         model, clip, _ = node("TrainFreeReferenceModel", model_file="trainfree_digits.safetensors")
@@ -55,9 +44,7 @@ def main():
         return
     rows = []
     for batch in args.batches:
-        out = subprocess.run([sys.executable, "-m", "bench.inversion_memory", "--one", str(batch), "--steps",
-                              str(args.steps)], capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+        rows.append(in_fresh_process("bench.inversion_memory", "--one", str(batch), "--steps", str(args.steps)))
         print(f"batch {batch}: peak {rows[-1]['peak_mib_after_sampling']} MiB after sampling, "
               f"{rows[-1]['peak_mib_after_null_text']} MiB after null-text inversion (+{rows[-1]['extra_mib']} MiB)")
     if args.json:

@@ -9,26 +9,15 @@ RED-diff adds to sampling, besides Adam's two latent-sized moments.
 """
 import argparse
 import json
-import resource
-import subprocess
-import sys
 
 import torch
 
-
-def peak_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from bench.memory import in_fresh_process, node_runner, peak_mib
 
 
 def measure(batch, steps):
-    from harness import comfy_host
-    comfy_host.boot()
-    import nodes
     from bench.restoration_quality import RED_DIFF
-
-    def node(class_type, **inputs):
-        cls = nodes.NODE_CLASS_MAPPINGS[class_type]
-        return getattr(cls(), cls.FUNCTION)(**inputs)
+    node = node_runner()
     torch.set_num_threads(1)
     with torch.inference_mode():
         model, clip, vae = node("TrainFreeReferenceModel", model_file="trainfree_digits.safetensors")
@@ -89,9 +78,7 @@ def main():
         return
 
     def fresh(*flags):
-        out = subprocess.run([sys.executable, "-m", "bench.restoration_memory", *flags], capture_output=True,
-                             text=True, check=True).stdout
-        return json.loads(out.strip().splitlines()[-1])
+        return in_fresh_process("bench.restoration_memory", *flags)
     rows = []
     for batch in args.batches:
         rows.append(fresh("--one", str(batch), "--steps", str(args.steps)))

@@ -3,7 +3,7 @@ super-resolution from a smaller image, denoising at a noise level, colourisation
 degrades a clean image the same way, to try the restorers on images whose truth is known."""
 import torch
 
-from guidance_ops import degradations
+from ..guidance_ops import degradations
 
 from .base import check_numbers
 

@@ -37,3 +37,20 @@ def test_readme_shows_both_installs_and_a_gallery_of_every_workflow():
         image = f"docs/gallery/{name}.png"
         assert f"]({image})" in readme, f"README's gallery lacks {name}"
         assert os.path.isfile(os.path.join(REPO, image)), f"{image} is missing: python -m harness.run_workflows --gallery docs/gallery"
+
+
+def test_the_pack_imports_its_own_modules_relatively():
+    """ComfyUI imports the pack as a package under custom_nodes/, with only ComfyUI's folder on sys.path: an
+    absolute import of the pack's own packages works in the test harness (which puts the repository on sys.path)
+    and fails for users. (A bare ``import nodes`` is ComfyUI's own module, which the host adapter may use.)"""
+    import ast
+    own = {os.path.splitext(name)[0] for name in os.listdir(os.path.join(REPO, "nodes"))}
+    absolute = []
+    for path in glob.glob(os.path.join(REPO, "nodes", "**", "*.py"), recursive=True) + \
+            glob.glob(os.path.join(REPO, "guidance_ops", "*.py")) + [os.path.join(REPO, "__init__.py")]:
+        for node in ast.walk(ast.parse(_read(os.path.relpath(path, REPO)))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            absolute += [f"{os.path.relpath(path, REPO)}: {n}" for n in names
+                         if n.split(".")[0] == "guidance_ops" or n.startswith("nodes.") and n.split(".")[1] in own]
+    assert not absolute, absolute
