@@ -39,7 +39,7 @@ def _check_sizes(title, measurement, vae, x):
 def steered_sampler(measurement, vae, strength, iterations=1, title="TrainFree Steered Diffusion"):
     """A SAMPLER running guidance_ops' steered ``sample``, whose ``steer_estimate(x0, i)`` corrects the clean
     estimate row by row with ``steer(x0, residual_of, strength, iterations)``. The sampler's
-    ``last_report`` says what the last run did (numbers only)."""
+    ``trainfree_report`` says what the last run did (numbers only)."""
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
         extra_args = extra_args or {}
         _check_sizes(title, measurement, vae, x)
@@ -83,11 +83,11 @@ def steered_sampler(measurement, vae, strength, iterations=1, title="TrainFree S
                   "iterations": iterations,
                   "residual_first_estimate": stats["first"], "residual_final": final,
                   "seconds": round(time.perf_counter() - stats["started"], 3)}
-        holder.last_report = result
+        holder.trainfree_report = result
         LOG.info("%s: steered %d of %d steps; measurement residual (RMS, pixels) %s -> %s", title,
                  result["steps_steered"], result["steps"], result["residual_first_estimate"], final)
         return out
 
     holder = comfy.samplers.KSAMPLER(sample)
-    holder.last_report = None
+    holder.trainfree_report = None
     return holder

@@ -77,7 +77,7 @@ def test_steering_lowers_the_measurement_residual(tiny, family):
     plain = run(model, family, comfy.samplers.sampler_object("euler"))
     assert torch.isfinite(ours).all()
     assert residual(model, family, meas, ours) < 0.9 * residual(model, family, meas, plain)
-    report = sampler.last_report
+    report = sampler.trainfree_report
     assert report["steps"] == 3 and report["steps_steered"] == 3
     assert report["residual_final"][0] == pytest.approx(residual(model, family, meas, ours), rel=1e-3)
     assert all(isinstance(v, (int, float, list)) for v in report.values())
