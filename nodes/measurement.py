@@ -14,6 +14,27 @@ KIND_TOOLTIP = ("How the image was degraded. inpainting: the pixels under the ma
                 "noise of std 'noise_level'. colourisation: only the grey (BT.601 luma) is kept.")
 
 
+def restorer_inputs():
+    """The inputs every restorer takes first: what was observed, and the VAE its measurement goes through."""
+    return {
+        "measurement": (MEASUREMENT, {"tooltip": "What was observed and how (TrainFree Measurement)."}),
+        "vae": ("VAE", {"tooltip": "The model's VAE: the measurement is taken on the decoded image, and its loss "
+                                   "is differentiated through the decoder."}),
+    }
+
+
+def check_restorer_inputs(node, measurement, vae):
+    if not all(hasattr(measurement, name) for name in ("operator", "observed", "residual", "restored_size")):
+        raise ValueError(f"{node}: 'measurement' must come from TrainFree Measurement (got "
+                         f"{type(measurement).__name__})")
+    if not torch.isfinite(measurement.observed).all():
+        raise ValueError(f"{node}: the measurement's observed image contains NaN or infinite values: check the "
+                         f"image fed to TrainFree Measurement")
+    if vae is None or not hasattr(vae, "first_stage_model"):
+        raise ValueError(f"{node}: connect the model's VAE (Load Checkpoint's VAE output or a VAE loader); the "
+                         f"measurement is taken on the decoded image")
+
+
 def _inputs(image_tooltip):
     return {
         "required": {

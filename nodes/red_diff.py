@@ -3,7 +3,7 @@ TrainFree Measurement, with the guider's model as the denoising regulariser."""
 from ..guidance_ops import red_diff
 from . import host
 from .base import check_numbers
-from .measurement import CATEGORY, MEASUREMENT
+from .measurement import CATEGORY, check_restorer_inputs, restorer_inputs
 
 
 class TrainFreeREDDiff:
@@ -23,9 +23,7 @@ class TrainFreeREDDiff:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "measurement": (MEASUREMENT, {"tooltip": "What was observed and how (TrainFree Measurement)."}),
-            "vae": ("VAE", {"tooltip": "The model's VAE: the measurement is taken on the decoded image, and its "
-                                       "loss is differentiated through the decoder."}),
+            **restorer_inputs(),
             "learning_rate": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip":
                                         "Adam's step size on the latent (the official README: 0.5 for 100 "
                                         "iterations). 0 leaves the start latent as it is."}),
@@ -49,12 +47,7 @@ class TrainFreeREDDiff:
                                                  "observation_weight": observation_weight})
         if strength is None:
             raise ValueError(f"{node}: input 'lambda' is missing; enter the regulariser's weight (default 0.25)")
-        if not all(hasattr(measurement, name) for name in ("residual", "restored_size", "observed")):
-            raise ValueError(f"{node}: 'measurement' must come from TrainFree Measurement (got "
-                             f"{type(measurement).__name__})")
-        if vae is None or not hasattr(vae, "first_stage_model"):
-            raise ValueError(f"{node}: connect the model's VAE (Load Checkpoint's VAE output or a VAE loader); the "
-                             f"measurement is taken on the decoded image")
+        check_restorer_inputs(node, measurement, vae)
         if weighting not in red_diff.WEIGHTINGS:
             raise ValueError(f"{node}: unknown weighting {weighting!r}: choose one of {', '.join(red_diff.WEIGHTINGS)}")
         settings = host.RedDiffSettings(learning_rate, strength, observation_weight, weighting)

@@ -1,9 +1,7 @@
 """Steered Diffusion (Nair et al., ICCV 2023) as a SAMPLER node: restoration under a TrainFree Measurement."""
-import torch
-
 from . import host
 from .base import check_numbers
-from .measurement import CATEGORY, MEASUREMENT
+from .measurement import CATEGORY, check_restorer_inputs, restorer_inputs
 
 
 class TrainFreeSteeredDiffusion:
@@ -26,8 +24,7 @@ class TrainFreeSteeredDiffusion:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "measurement": (MEASUREMENT, {"tooltip": "What was observed and how (TrainFree Measurement)."}),
-            "vae": ("VAE", {"tooltip": "The model's VAE: the measurement is taken on the decoded image."}),
+            **restorer_inputs(),
             "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05, "tooltip":
                                    "Share of the line-search step taken each step. 1 = land on the observation as "
                                    "far as one step can (the paper's projection for linear problems); lower for "
@@ -41,13 +38,7 @@ class TrainFreeSteeredDiffusion:
     def build(self, measurement, vae, strength, iterations=1):
         node = type(self).__name__
         check_numbers(node, self.INPUT_TYPES(), {"strength": strength, "iterations": iterations})
-        if not hasattr(measurement, "operator") or not hasattr(measurement, "observed"):
-            raise ValueError(f"{node}: 'measurement' must come from TrainFree Measurement")
-        if not torch.isfinite(measurement.observed).all():
-            raise ValueError(f"{node}: the measurement's observed image contains NaN or infinite values: check the "
-                             f"image fed to TrainFree Measurement")
-        if not hasattr(vae, "first_stage_model"):
-            raise ValueError(f"{node}: 'vae' must be a VAE (e.g. from the checkpoint loader)")
+        check_restorer_inputs(node, measurement, vae)
         return (host.steered_sampler(measurement, vae, float(strength), int(iterations)),)
 
 
