@@ -22,16 +22,9 @@ KINDS = ("inpainting", "super-resolution", "denoising", "colourisation")
 
 
 class Operator:
+    """What every operator shares: its ``kind`` and the sizes it maps between (the identity for all but
+    super-resolution). Each operator defines ``forward``, ``adjoint`` and ``right_inverse`` itself."""
     kind = ""
-
-    def forward(self, x):
-        raise NotImplementedError
-
-    def adjoint(self, y):
-        raise NotImplementedError
-
-    def right_inverse(self, y):
-        raise NotImplementedError
 
     def measured_size(self, height, width):
         """The (height, width) of the measurement of an image of this size."""

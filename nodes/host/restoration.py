@@ -3,6 +3,7 @@ is the starting point ``mu``, each sigma of the schedule is one Adam iteration o
 denoised prediction (every MODEL patch and wrapper acting) is the regulariser's denoiser, evaluated without
 gradients. The measurement loss is differentiated through the VAE decoder only (``PixelDecoder``)."""
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -25,13 +26,14 @@ class RestorationError(ValueError):
     pass
 
 
+@dataclass
 class Settings:
     """What one RED-diff sampler does: Adam's learning rate, the regulariser's lambda and weighting, the
     measurement's weight."""
-
-    def __init__(self, learning_rate, strength, observation_weight, weighting):
-        self.learning_rate, self.strength = learning_rate, strength
-        self.observation_weight, self.weighting = observation_weight, weighting
+    learning_rate: float
+    strength: float
+    observation_weight: float
+    weighting: str
 
 
 def red_diff_sampler(measurement, vae, settings):
@@ -88,8 +90,8 @@ class _Run:
                                    f"{latent.shape[0]}: connect VAE Encode of the measurement's start_image (one "
                                    f"latent per observed image)")
         if not torch.isfinite(observed).all():
-            raise RestorationError(f"the observed image of the measurement holds NaN or infinite values: use an "
-                                   f"image without them in TrainFree Measurement")
+            raise RestorationError("the observed image of the measurement holds NaN or infinite values: use an "
+                                   "image without them in TrainFree Measurement")
         if getattr(self.vae, "latent_channels", latent.shape[1]) != latent.shape[1]:
             raise RestorationError(f"the VAE makes {self.vae.latent_channels}-channel latents but the model works on "
                                    f"{latent.shape[1]}: connect this model's VAE")
