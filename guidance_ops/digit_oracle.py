@@ -10,6 +10,8 @@ WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
                        "digit_oracle.safetensors")
 SIDE = 32
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+COLOURS = {"red": (0.90, 0.15, 0.12), "yellow": (0.95, 0.82, 0.10), "green": (0.12, 0.70, 0.22),
+           "blue": (0.15, 0.30, 0.95), "purple": (0.62, 0.20, 0.85)}  # the reference models' digit colours
 
 
 def border_colour(images, width=4):

@@ -25,11 +25,11 @@ class Judge:
 class DigitOracleJudge(Judge):
     """The pack's digit oracle (for the reference models): which digit an image shows."""
     labels = DIGITS
+    differentiable = True
 
     def __init__(self):
         self.network = load_digit_oracle()
 
-    @torch.no_grad()
     def log_probs(self, pixels):
         network = self.network.to(pixels.device)
         return torch.log_softmax(network(pixels.float()).float(), dim=1)

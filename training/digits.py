@@ -7,13 +7,13 @@ Everything is a pure function of a seed, so training, the quality harness and th
 import torch
 import torch.nn.functional as F
 
+from guidance_ops.digit_oracle import COLOURS
+from guidance_ops.digit_oracle import DIGITS as WORDS
+
 SIZE = 128          # image side; latents are SIZE / 8 = 16
 GLYPH = 88          # side of the upscaled 8x8 scan inside the canvas
 MAX_SHIFT = 10      # pixels, each axis
-COLOURS = {"red": (0.90, 0.15, 0.12), "yellow": (0.95, 0.82, 0.10), "green": (0.12, 0.70, 0.22),
-           "blue": (0.15, 0.30, 0.95), "purple": (0.62, 0.20, 0.85)}
 BACKGROUNDS = {"dark": (0.03, 0.15), "light": (0.80, 0.95)}  # grey-level ranges
-WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEST_FRACTION = 0.2
 
 

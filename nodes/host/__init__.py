@@ -37,7 +37,7 @@ between ComfyUI versions are found by feature probes (listed by ``probes()``), n
 modules use this package and ``guidance_ops``, nothing else.
 """
 from .classifier import denoising_errors, timestep_sigmas
-from .judging import judge_log_probs, predict_prompt, prepare_judge, prepare_prompts
+from .judging import judge_log_probs, predict_prompt, prepare_judge, prepare_prompts, score_latents
 from .clip_judge import clip_judge_from
 from .cascade import Plan as CascadePlan
 from .cascade import cascade_sampler, cascade_sigmas

@@ -40,6 +40,13 @@ def judge_log_probs(model, judge, denoised, guider, key, model_options, vae=None
     return _prompt_log_probs(model, judge, denoised, guider, f"{key}/judge", model_options)
 
 
+def score_latents(model, vae, scorer, latents):
+    """``[B]`` scores of finished (or clean-estimate) latents of the sampling space, decoded by the VAE; no
+    gradients."""
+    with torch.no_grad():
+        return scorer.score(decode(model, vae, latents, scorer.describe())).float()
+
+
 def decode(model, vae, denoised, judge_name):
     if vae is None:
         raise ValueError(f"the judge ({judge_name}) reads pixels: connect the model's VAE to the vae input")
