@@ -84,8 +84,19 @@ def fresh_result(object_info):
         return pixels(fresh.images(entry)[0])
 
 
-def _check_refusal(server, prompt, node_id, expect, input_name):
-    status, answer = server.post_prompt(prompt)
+@pytest.fixture(scope="module")
+def cached(artifacts):
+    """This module's own server, with ComfyUI's default cache: a broken input's case re-runs only the broken node
+    and what follows it, not the models and prompts before it (86 of the cases reach execution). Cached outputs
+    are also what a leaked state would corrupt: the last test compares a valid prompt with a fresh server."""
+    with ComfyServer(frontend=False) as running:
+        yield running
+        with open(os.path.join(artifacts, "server_bad_input.log"), "w") as f:
+            f.write(running.log())
+
+
+def _check_refusal(cached, prompt, node_id, expect, input_name):
+    status, answer = cached.post_prompt(prompt)
     text = json.dumps(answer)
     assert "Traceback" not in text
     if status == 400 or node_id in answer.get("node_errors", {}):
@@ -96,7 +107,7 @@ def _check_refusal(server, prompt, node_id, expect, input_name):
         assert any(e["extra_info"].get("input_name") == input_name for e in errors), errors
         return
     assert status == 200 and expect in ("execution", "either"), f"HTTP {status}: {text}"
-    entry = server.wait(answer["prompt_id"])
+    entry = cached.wait(answer["prompt_id"])
     message = error_message(entry)
     assert entry["status"]["status_str"] == "error" and message, f"a broken input ran through: {input_name}"
     assert input_name in message, message
@@ -130,7 +141,7 @@ def _only_through(prompt, node_id):
     return {k: n for k, n in prompt.items() if k in keep}
 
 
-def test_broken_inputs_of_every_node_are_refused_by_name(server, object_info, pack_nodes):
+def test_broken_inputs_of_every_node_are_refused_by_name(cached, object_info, pack_nodes):
     """The cases come from the node definitions the server reports, so a new input or node is covered by itself."""
     uncovered = set(pack_nodes) - set(patch_nodes(object_info)) - set(CHAIN_NODES) - {"TrainFreeReferenceModel"}
     assert not uncovered, f"nodes that are not MODEL -> MODEL patches need bad-input cases of their own: {uncovered}"
@@ -140,57 +151,57 @@ def test_broken_inputs_of_every_node_are_refused_by_name(server, object_info, pa
     for case, node, inputs, expect, input_name in cases:
         prompt, node_id = _broken_prompt(object_info, node, inputs)
         try:
-            _check_refusal(server, prompt, node_id, expect, input_name)
+            _check_refusal(cached, prompt, node_id, expect, input_name)
         except AssertionError as e:
             failures.append(f"{case}: {e}")
     assert not failures, "\n".join(failures)
-    assert server.alive()
+    assert cached.alive()
 
 
-def test_wrong_link_type_is_a_validation_error(server, object_info):
+def test_wrong_link_type_is_a_validation_error(cached, object_info):
     prompt, node_id = _broken_prompt(object_info, "TrainFreeAPG", {})
     prompt[node_id]["inputs"]["model"] = ["1", 1]  # the loader's CLIP output into a MODEL input
-    status, answer = server.post_prompt(prompt)
+    status, answer = cached.post_prompt(prompt)
     assert status == 400 and node_id in answer["node_errors"], answer
 
 
-def test_guide_of_another_family_is_refused(server, object_info):
+def test_guide_of_another_family_is_refused(cached, object_info):
     for node, slot in (("TrainFreeTwoModelGuidance", "guide_model"), ("TrainFreeNoiseDampedCFG", "weak_model")):
         prompt, node_id = _broken_prompt(object_info, node, {})
         prompt["80"] = {"class_type": "HarnessTinyModel", "inputs": {"family": "sdxl", "variant": "guide"}}
         prompt[node_id]["inputs"][slot] = ["80", 0]
-        _check_refusal(server, prompt, node_id, "execution", slot)
+        _check_refusal(cached, prompt, node_id, "execution", slot)
 
 
-def test_a_model_the_node_cannot_serve_is_refused_by_name(server, object_info):
+def test_a_model_the_node_cannot_serve_is_refused_by_name(cached, object_info):
     prompt, node_id = _broken_prompt(object_info, "TrainFreePAG", {})
     prompt["80"] = {"class_type": "HarnessTinyModel", "inputs": {"family": "wan21", "variant": ""}}
     prompt[node_id]["inputs"]["model"] = ["80", 0]  # a Wan 2.1 video model: PAG's layer names do not reach it
-    _check_refusal(server, prompt, node_id, "execution", "model")
-    message = error_message(server.get("/history?max_items=1").popitem()[1])
+    _check_refusal(cached, prompt, node_id, "execution", "model")
+    message = error_message(cached.get("/history?max_items=1").popitem()[1])
     assert "cannot serve" in message and "SD1.5, SDXL" in message, message
 
 
-def test_latent_of_another_family_is_refused_by_name(server, object_info):
+def test_latent_of_another_family_is_refused_by_name(cached, object_info):
     prompt = stack_prompt(object_info)
     latent = next(k for k, n in prompt.items() if n["class_type"] == "EmptyLatentImage")
     # ComfyUI itself fixes the channel count of an all-zero (empty) latent, so encode an image with an SD3 VAE.
     prompt["81"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 9000}}
     prompt["82"] = {"class_type": "HarnessTinyVAE", "inputs": {"family": "sd3", "variant": ""}}
     prompt[latent] = {"class_type": "VAEEncode", "inputs": {"pixels": ["81", 0], "vae": ["82", 0]}}
-    status, answer = server.post_prompt(prompt)
+    status, answer = cached.post_prompt(prompt)
     assert status == 200, answer
-    message = error_message(server.wait(answer["prompt_id"]))
+    message = error_message(cached.wait(answer["prompt_id"]))
     assert message and "latent" in message.lower() and "channels" in message, message
 
 
-def test_steered_diffusion_latent_of_another_size_is_refused_by_name(server, object_info):
+def test_steered_diffusion_latent_of_another_size_is_refused_by_name(cached, object_info):
     """The steered sampler given the stack's 128 px empty latent for a measurement that restores 64 px."""
     prompt, node_id = _broken_prompt(object_info, "TrainFreeSteeredDiffusion", {})
     sampler = next(k for k, n in prompt.items() if n["class_type"] == "SamplerCustomAdvanced"
                    and n["inputs"]["sampler"] == [node_id, 0])
     prompt[sampler]["inputs"]["latent_image"] = ["92", 0]
-    _check_refusal(server, prompt, sampler, "execution", "latent_image")
+    _check_refusal(cached, prompt, sampler, "execution", "latent_image")
 
 
 def _loaded_schedule_prompt(object_info):
@@ -201,35 +212,35 @@ def _loaded_schedule_prompt(object_info):
     return prompt, node_id, sampler
 
 
-def test_a_schedule_for_another_step_count_is_refused_by_name(server, object_info):
+def test_a_schedule_for_another_step_count_is_refused_by_name(cached, object_info):
     prompt, _, sampler = _loaded_schedule_prompt(object_info)
     prompt[sampler]["inputs"]["steps"] = LOADED_SCHEDULE_STEPS - 1
-    _check_refusal(server, prompt, sampler, "execution", "steps")
+    _check_refusal(cached, prompt, sampler, "execution", "steps")
 
 
-def test_linear_ag_without_its_calibration_is_refused_by_name(server, object_info):
+def test_linear_ag_without_its_calibration_is_refused_by_name(cached, object_info):
     """LinearAG set to take the calibration from its input, with nothing connected there."""
     prompt, node_id = _broken_prompt(object_info, "TrainFreeLinearAG", {})
     del prompt[node_id]["inputs"]["calibration"]
-    _check_refusal(server, _only_through(prompt, node_id), node_id, "execution", "calibration_file")
+    _check_refusal(cached, _only_through(prompt, node_id), node_id, "execution", "calibration_file")
 
 
-def test_a_malformed_schedule_file_is_refused_by_name(server, object_info):
+def test_a_malformed_schedule_file_is_refused_by_name(cached, object_info):
     """A hand-written schedule whose first step reuses (nothing is cached yet) is named, with the rule it breaks."""
     name = "trainfree_broken_schedule.json"
-    path = os.path.join(server.base_dir, "input", "cache_schedules", name)
+    path = os.path.join(cached.base_dir, "input", "cache_schedules", name)
     with open(path, "w") as f:
         json.dump({"format": "trainfree-cache-schedule", "version": 1, "steps": LOADED_SCHEDULE_STEPS,
                    "compute": {"branch 0": "R" * LOADED_SCHEDULE_STEPS}}, f)
     try:
         prompt, node_id, _ = _loaded_schedule_prompt(object_info)
         prompt[node_id]["inputs"]["schedule_file"] = name
-        _check_refusal(server, prompt, node_id, "execution", name)
+        _check_refusal(cached, prompt, node_id, "execution", name)
     finally:
         os.remove(path)
 
 
-def test_red_diff_refuses_a_latent_of_another_size_and_a_missing_vae(server, object_info):
+def test_red_diff_refuses_a_latent_of_another_size_and_a_missing_vae(cached, object_info):
     """RED-diff starts from the VAE-encoded start image of its measurement: a latent of another size is refused by
     the sampler naming latent_image; without its VAE the node does not validate."""
     prompt, node_id = _broken_prompt(object_info, "TrainFreeREDDiff", {})
@@ -237,23 +248,23 @@ def test_red_diff_refuses_a_latent_of_another_size_and_a_missing_vae(server, obj
                    and n["inputs"]["sampler"] == [node_id, 0])
     prompt["80"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
     prompt[sampler]["inputs"]["latent_image"] = ["80", 0]
-    _check_refusal(server, prompt, sampler, "execution", "latent_image")
+    _check_refusal(cached, prompt, sampler, "execution", "latent_image")
     prompt, node_id = _broken_prompt(object_info, "TrainFreeREDDiff", {})
     del prompt[node_id]["inputs"]["vae"]
-    _check_refusal(server, prompt, node_id, "validation", "vae")
+    _check_refusal(cached, prompt, node_id, "validation", "vae")
 
 
 @pytest.mark.parametrize("width, height, batch", [(136, 72, 3), (64, 64, 2)])
-def test_odd_sizes_and_batches_run(server, object_info, width, height, batch):
-    entry = server.run(stack_prompt(object_info, width=width, height=height, batch=batch, steps=3))
+def test_odd_sizes_and_batches_run(cached, object_info, width, height, batch):
+    entry = cached.run(stack_prompt(object_info, width=width, height=height, batch=batch, steps=3))
     assert entry["status"]["status_str"] == "success", error_message(entry)
-    images = server.images(entry)
+    images = cached.images(entry)
     assert len(images) == batch and pixels(images[0]).shape == (height, width, 3)
 
 
-def test_server_survives_and_leaks_no_state(server, object_info, fresh_result):
+def test_server_survives_and_leaks_no_state(cached, object_info, fresh_result):
     """Runs last in this module: after every broken prompt above, a valid prompt equals a fresh server's result."""
-    assert server.get("/system_stats")
-    entry = server.run(stack_prompt(object_info))
+    assert cached.get("/system_stats")
+    entry = cached.run(stack_prompt(object_info))
     assert entry["status"]["status_str"] == "success", error_message(entry)
-    assert (pixels(server.images(entry)[0]) == fresh_result).all()
+    assert (pixels(cached.images(entry)[0]) == fresh_result).all()
