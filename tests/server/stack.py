@@ -121,7 +121,7 @@ def inversion_chain(model, caption, steps):
         **_inverted("80", "81", model, ["90", 0], ["93", 0], "normal", steps, fixed_point_iterations=1),
         "82": {"class_type": "TrainFreeNullTextInversion", "inputs": {"model": model, "inversion": ["81", 0],
                                                                       "negative": ["91", 0], "cfg": 7.5,
-                                                                      "inner_steps": 2, "learning_rate": 0.01,
+                                                                      "inner_steps": 1, "learning_rate": 0.01,
                                                                       "early_stop": True}},
         "83": {"class_type": "TrainFreePromptToPrompt", "inputs": {
             "model": model, "clip": ["1", 1], "inversion": ["82", 0], "source_text": caption, "target_text": target,
@@ -142,12 +142,12 @@ def inversion_chain(model, caption, steps):
 
 
 def cascade_chain(model, steps):
-    """FreCaS from 128 to 256 px on the stacked model (every patch acts in both stages), decoded as node "65"."""
+    """FreCaS from 64 to 128 px on the stacked model (every patch acts in both stages), decoded as node "65"."""
     return {
         "60": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
         "61": {"class_type": "TrainFreeFreCaS", "inputs": {
-            "model": model, "sampler": ["60", 0], "width": 256, "height": 256, "batch_size": 1, "base_width": 128,
-            "base_height": 128, "stage_steps": f"{max(1, steps - 2)}, 2", "stage_end_timesteps": "200, 0",
+            "model": model, "sampler": ["60", 0], "width": 128, "height": 128, "batch_size": 1, "base_width": 64,
+            "base_height": 64, "stage_steps": f"{max(1, steps - 2)}, 2", "stage_end_timesteps": "200, 0",
             "gamma": 1.5, "fa_cfg": True, "fa_cfg_high": 35.0, "ca_fusion": 0.6,
             "transition": "vae (decode, upsample, encode)", "vae": ["1", 2]}},
         "62": {"class_type": "RandomNoise", "inputs": {"noise_seed": 5}},
@@ -310,7 +310,7 @@ def judge_chain(caption, steps, seed=0):
         "108": {"class_type": "TrainFreeCLIPJudge", "inputs": {"clip_vision": ["107", 0], "clip": ["1", 1],
                                                                "prompts": f"{caption}\na blurry image"}},
         "109": {"class_type": "TrainFreeDynamicCFG", "inputs": {
-            "model": ["103", 0], "candidate_scales": "1, 3, 5", "judge": ["100", 0], "target": words[3], "weight": 1.0,
+            "model": ["103", 0], "candidate_scales": "1, 5", "judge": ["100", 0], "target": words[3], "weight": 1.0,
             "start_percent": 0.0, "end_percent": 1.0, "judge_2": ["108", 0], "target_2": "1", "weight_2": 0.5,
             "vae": ["1", 2]}},
         "104": {"class_type": "KSampler", "inputs": {
