@@ -104,8 +104,8 @@ def test_the_edm_schedule_is_the_official_current_guidance(steps):
 
 def test_the_step_is_the_gradient_rescaled_to_the_estimates_rms_per_image():
     g = torch.Generator().manual_seed(2)
-    denoised = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64) * torch.tensor([0.5, 1.0, 3.0],
-                                                                                       dtype=torch.float64)[:, None, None, None]
+    spread = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)[:, None, None, None]
+    denoised = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64) * spread
     gradient = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64) * 1e-3
     gradient[2] = 0
     step = elucd.preconditioned_step(denoised, gradient, 0.1).double()
