@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import judges
-from .digit_oracle import COLOURS, DIGITS, ink_map
+from .digit_oracle import COLOURS, DIGITS, ink_map, network_logits
 from .digit_oracle import load as load_digit_oracle
 
 # Chromaticity cosines lie in [-1, 1]; at 0.1 a colour 20 degrees of hue away from the prompted one costs about
@@ -89,7 +89,7 @@ class DigitColourScorer(Scorer):
         total = pixels.new_zeros(pixels.shape[0])
         if self.digit is not None:
             network = self.network.to(pixels.device)
-            total = total + torch.log_softmax(network(pixels), dim=1)[:, self.digit]
+            total = total + torch.log_softmax(network_logits(network, pixels), dim=1)[:, self.digit]
         if self.colour is not None:
             total = total + colour_log_probs(foreground_colour(pixels))[:, list(COLOURS).index(self.colour)]
         return total
@@ -100,7 +100,7 @@ class DigitColourScorer(Scorer):
         pixels = pixels.float()
         terms = []
         if self.digit is not None:
-            terms.append((self.network.to(pixels.device)(pixels).float(), self.digit))
+            terms.append((network_logits(self.network.to(pixels.device), pixels).float(), self.digit))
         if self.colour is not None:
             terms.append((colour_logits(foreground_colour(pixels)), list(COLOURS).index(self.colour)))
         return terms
@@ -127,8 +127,10 @@ class JudgeScorer(Scorer):
         return self.judge.log_probs(pixels)[:, self.target]
 
     def logit_terms(self, pixels):
-        """The judge's log-probabilities as its logits (they are, up to one constant per image)."""
-        return [(self.judge.log_probs(pixels), self.target)]
+        """The judge's logits where it has them, else its log-probabilities (its logits up to one constant per
+        image)."""
+        logits = getattr(self.judge, "logits", None)
+        return [((logits or self.judge.log_probs)(pixels), self.target)]
 
     def describe(self):
         return f"{type(self.judge).__name__}: {self.judge.labels[self.target]}"

@@ -206,3 +206,18 @@ def test_the_classifier_reads_the_image_clipped_and_the_gradient_passes_the_clip
     assert pixels.min() < -0.1 and pixels.max() > 1.1
     torch.testing.assert_close(values.double(), objective(clipped), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(gradient.double(), expected, rtol=2e-3, atol=2e-3 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("which", ("digit scorer", "digit oracle judge"))
+def test_the_packs_scorers_made_and_sampled_under_inference_mode_as_comfyui_runs_nodes(tiny, vaes, host, which):
+    with torch.inference_mode():
+        if which == "digit scorer":
+            (scorer,) = run_node("TrainFreeDigitScorer", prompt="a red digit seven on a dark background")
+        else:
+            (judge,) = run_node("TrainFreeDigitOracleJudge")
+            (scorer,) = run_node("TrainFreeJudgeScorer", judge=judge, target="seven")
+        plain = sample(tiny("sd15"), "sd15", size=8, steps=3)
+        patched = elucd(tiny("sd15"), scorer, vaes("sd15"), scale=0.3)
+        guided = sample(patched, "sd15", size=8, steps=3)
+    assert (guided - plain).abs().max() > 1e-3
+    assert report(host, patched)["decodes_with_backward"] == 3
