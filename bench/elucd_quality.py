@@ -4,19 +4,22 @@ digit scorer of each prompt, and CFG with more steps at EluCD's cost.
     python -m bench.elucd_quality --out-dir docs/bench --grid-dir docs/quality
 
 Every row samples the evaluation captions (``bench.quality.prompt_set``: --prompts x --per-prompt seeds, 128 px,
-Euler; normal scheduler on the SD1.5-class model, simple on the Flux-class one) at cfg 3 and is scored as
-``bench.quality`` scores (digit oracle adherence, colour / background adherence, Fréchet distance of the oracle's
-features to held-out real digits), plus the mean digit-scorer score (log p(digit) + log p(colour), perfect 0).
+Euler; normal scheduler on the SD1.5-class model, simple on the Flux-class one) and is scored as ``bench.quality``
+scores (digit oracle adherence, colour / background adherence, Fréchet distance of the oracle's features to
+held-out real digits), plus the mean digit-scorer score (log p(digit) + log p(colour); perfect = 0). For each cfg
+W of --cfgs:
 
-- ``cfg_3``: plain CFG, --steps steps.
-- ``elucd_S``: EluCD at scale S (the paper's calibration: joint temperature 1, marginal 0.5, Softplus beta 3, the
-  EDM schedule with gamma 0.3) with TrainFreeDigitScorer(caption), --steps steps.
-- ``cfg_3_equal_time``: plain CFG with as many steps as the most expensive EluCD row's seconds per image buy
-  (steps = --steps * its seconds / cfg_3's seconds, rounded): cost equalised by wall time on this machine.
+- ``cfg_W``: plain CFG, --steps steps.
+- ``elucd_S_cfg_W``: CFG + EluCD at scale S with TrainFreeDigitScorer(caption) and the paper's calibration (joint
+  temperature 1, marginal 0.5, Softplus beta 3, the EDM schedule with gamma 0.3), --steps steps.
+- ``cfg_W_equal_time``: plain CFG with the steps EluCD's seconds per image buy (--steps * EluCD's s/image / cfg_W's
+  s/image, rounded; the fastest EluCD row counts, since every scale does the same work): cost equalised by wall time
+  on this machine, the same model, sampler and batch.
 
-The scorer's digit term is the same network as the oracle that scores digit adherence, so EluCD's digit adherence
-and mean score are circular (they show the guidance climbs what it is given); the Fréchet distance and the
-background adherence are not seen by the scorer. Model rows are counted by an APPLY_MODEL wrapper.
+The scorer's digit term is the network of the oracle that scores digit adherence, and its colour term reads the ink's
+hue as the colour adherence does, so EluCD's digit / colour adherence and mean score are circular: they show that the
+guidance climbs what it is given. The Fréchet distance and the background adherence are not seen by the scorer.
+Model rows are counted by an APPLY_MODEL wrapper.
 """
 import argparse
 import json
@@ -34,10 +37,9 @@ from training import digits
 
 OUT = os.path.join(comfy_host.PACK_DIR, "bench", "output", "elucd_quality")
 SCHEDULERS = {"sd15": "normal", "flux": "simple"}
-CFG = 3.0
 
 
-def graph(model, captions, per_prompt, scale, steps, seed):
+def graph(model, captions, per_prompt, cfg, scale, steps, seed):
     """Reference model -> row counter -> (per caption: EluCD with that caption's digit scorer) -> KSampler."""
     def patch(i, caption, prompt):
         if scale is None:
@@ -49,7 +51,7 @@ def graph(model, captions, per_prompt, scale, steps, seed):
             "schedule": "linear decay + sine (EDM)", "gamma": 0.3, "start_percent": 0.0, "end_percent": 1.0}}
         return [f"elucd{i}", 0]
     shared = {"counted": {"class_type": "HarnessCountRows", "inputs": {"model": ["model", 0]}}}
-    return quality.per_caption_graph(quality.MODELS[model], captions, per_prompt, CFG, steps, seed,
+    return quality.per_caption_graph(quality.MODELS[model], captions, per_prompt, cfg, steps, seed,
                                      SCHEDULERS[model], patch, shared)
 
 
@@ -63,14 +65,14 @@ def mean_score(images, captions, per_prompt):
     return torch.cat(scores).mean().item()
 
 
-def run_row(model, args, captions, judge_net, reference, name, scale, steps):
+def run_row(model, args, captions, judge_net, reference, name, cfg, scale, steps):
     quality._collected.clear()
     _rows_seen.clear()
     started = time.perf_counter()
-    comfy_host.execute_prompt(graph(model, captions, args.per_prompt, scale, steps, 0))
+    comfy_host.execute_prompt(graph(model, captions, args.per_prompt, cfg, scale, steps, 0))
     seconds = time.perf_counter() - started
     images = torch.cat([quality._collected[str(i)] for i in range(len(captions))]).permute(0, 3, 1, 2).float()
-    row = {"name": name, "cfg": CFG, "scale": scale, "steps": steps, "seconds_per_image": seconds / len(images),
+    row = {"name": name, "cfg": cfg, "scale": scale, "steps": steps, "seconds_per_image": seconds / len(images),
            "model_rows_per_image": sum(_rows_seen) / len(images),
            "mean_score": mean_score(images, captions, args.per_prompt),
            **quality.score(images, captions, args.per_prompt, judge_net, reference)}
@@ -87,22 +89,26 @@ def run_model(model, args):
     pack_nodes = comfy_host.pack_module("nodes.reference_model")
     reference = quality.real_features(judge_net, lambda: pack_nodes.TrainFreeReferenceModel().load(
         quality.MODELS[model])[2], OUT, model)
-    run_row(model, args, captions[:1], judge_net, reference, "warm_up", None, 2)  # load the model off the clock
-    rows = [run_row(model, args, captions, judge_net, reference, "cfg_3", None, args.steps)]
-    for scale in args.scales:
-        rows.append(run_row(model, args, captions, judge_net, reference, f"elucd_{scale:g}", scale, args.steps))
-    costliest = max(r["seconds_per_image"] for r in rows[1:])
-    equal_steps = max(args.steps, round(args.steps * costliest / rows[0]["seconds_per_image"]))
-    rows.append(run_row(model, args, captions, judge_net, reference, "cfg_3_equal_time", None, equal_steps))
-    return {"model": model, "steps": args.steps, "prompts": args.prompts, "per_prompt": args.per_prompt, "cfg": CFG,
+    run_row(model, args, captions[:1], judge_net, reference, "warm_up", 1.0, None, 2)  # load off the clock
+    rows = []
+    for cfg in args.cfgs:
+        plain = run_row(model, args, captions, judge_net, reference, f"cfg_{cfg:g}", cfg, None, args.steps)
+        guided = [run_row(model, args, captions, judge_net, reference, f"elucd_{scale:g}_cfg_{cfg:g}", cfg, scale,
+                          args.steps) for scale in args.scales]
+        # every scale does the same work; the fastest row is the least disturbed by other loads on the machine
+        cost = min(r["seconds_per_image"] for r in guided)
+        equal_steps = max(args.steps, round(args.steps * cost / plain["seconds_per_image"]))
+        rows += [plain, *guided, run_row(model, args, captions, judge_net, reference, f"cfg_{cfg:g}_equal_time", cfg,
+                                         None, equal_steps)]
+    return {"model": model, "steps": args.steps, "prompts": args.prompts, "per_prompt": args.per_prompt,
             "threads": args.threads, "rows": rows}
 
 
 def table(result):
-    lines = ["| row | steps | digit | colour | background | FD | mean score | model rows / image | s / image |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | cfg | steps | digit | colour | background | FD | mean score | model rows / image | s / image |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['name']} | {r['steps']} | {r['digit_adherence']:.3f} | {r['colour_adherence']:.3f} | "
+        lines.append(f"| {r['name']} | {r['cfg']:g} | {r['steps']} | {r['digit_adherence']:.3f} | {r['colour_adherence']:.3f} | "
                      f"{r['background_adherence']:.3f} | {r['frechet_distance']:.1f} | {r['mean_score']:.3f} | "
                      f"{r['model_rows_per_image']:.0f} | {r['seconds_per_image']:.2f} |")
     return "\n".join(lines)
@@ -114,7 +120,8 @@ def main():
     parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--per-prompt", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--scales", type=float, nargs="+", default=[0.02, 0.05, 0.1])
+    parser.add_argument("--scales", type=float, nargs="+", default=[0.05])
+    parser.add_argument("--cfgs", type=float, nargs="+", default=[1.0, 3.0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out-dir", default=OUT, help="raw JSON: <out-dir>/elucd_quality_<model>.json")
     parser.add_argument("--grid-dir", help="folder for the grids (default: --out-dir)")
