@@ -3,28 +3,39 @@
 2310.11311; official code github.com/AlexMaOLS/EluCD, DDPM/ and EDM/).
 
 What is the paper's (read in the official code; the paper's text was only readable in its abstract here):
-- the classifier is an ordinary one (ImageNet ResNets), applied to the predicted clean image x̂0, never to the noisy
-  sample, and its gradient is taken with respect to x̂0 and used as it is, without backpropagating through the
-  denoiser (both samplers: ``pred_xstart.detach().requires_grad_()``), so guidance costs one classifier forward and
-  backward per step, no extra model evaluation;
+- the classifier is an ordinary one (ImageNet ResNets, not trained on noisy images). In the DDPM sampler it reads
+  the predicted clean image x̂0, and its gradient is taken with respect to x̂0 and used as it is, without
+  backpropagating through the denoiser (``pred_xstart.detach().requires_grad_()``), added to the posterior mean; so
+  guidance costs one classifier forward and backward per step and no extra model evaluation. (The EDM sampler
+  instead reads the noisy sample rescaled to unit RMS and moves that sample before the step.);
 - smoothing: the classifier's ReLUs are replaced by Softplus(beta) (beta 3 for DDPM, 5 for EDM);
 - calibration by two temperatures: the guided log-probability is ``tau_j * f_y - log sum_k exp(tau_m * f_k)`` of the
   logits ``f``, a "joint" temperature on the target's logit (log p(x, y) up to a constant) and a "marginal" one in
   the normaliser (log p(x)); the official DDPM run uses tau_j = 1, tau_m = 0.5 (``margin_temperature_discount``),
   the EDM run tau_m = 0;
-- the guidance schedule: in the EDM sampler the gradient is rescaled to the sample's RMS (``g / rms(g) * rms(x)``)
-  and weighted by a linear decay over the steps plus a sine bump, ``w_i = G (N + 1 - i) / (N + 1) + G gamma
-  sin(pi i / N)`` for step i of N, G = 0.004, gamma (``add_factor``) 0.3; the DDPM sampler adds the same sine bump
-  (gamma 0.3) to the posterior variance that scales the gradient.
+- the guidance schedule: the DDPM sampler weights the gradient by the posterior variance plus a sine bump
+  ``gamma sin(pi t / T) max variance`` (gamma 0.3, ``classifier_scale`` 1); the EDM sampler rescales the gradient
+  to the sample's RMS (``g / rms(g) * rms(x)``) and weights it by a linear decay over the steps plus the sine bump,
+  ``w_i = G (N + 1 - i) / (N + 1) + G gamma sin(pi i / N)`` for step i of N, G = 0.004, gamma (``add_factor``) 0.3.
+- CFG: the official runs guide class-conditional models without CFG; classifier guidance is a term added to
+  whatever prediction the sampler makes.
 
 What is ours (ComfyUI has no noisy-sample hook for a gradient, and our classifiers read decoded pixels):
 - the classifier is a pack scorer (``guidance_ops.scorers``); it reads the clean estimate decoded by the VAE, so
   the gradient with respect to the clean latent goes back through the VAE decoder (never through the diffusion
   model, as in the paper);
-- the step is applied to the clean estimate (the sampler's denoised prediction, after CFG), not to the noisy
-  sample: ``D' = D + w_i * rms(D) * g / rms(g)`` per image, the EDM sampler's pre-conditioning with rms(D) in place
-  of rms(x_t); so ``scale`` (the paper's G) is the fraction of the clean estimate's RMS moved per evaluation, and
-  its default is ours (the paper's 0.004 moves x_t and is too small on a clean estimate);
+- as in the DDPM sampler the classifier reads the clean estimate (the sampler's denoised prediction, after CFG and
+  the patches before this one: joint guidance is CFG's result plus the classifier term), and the gradient with
+  respect to it is used directly; but the step is applied to the clean estimate itself (ComfyUI's samplers take
+  their step from it), with the EDM sampler's pre-conditioning and schedule: ``D' = D + w_i * rms(D) * g / rms(g)``
+  per image. The variance weighting of the DDPM sampler depends on its discrete schedule and the latent's scale,
+  which differ between the four families; the RMS rescaling does not. So ``scale`` (the EDM sampler's G) is the
+  fraction of the clean estimate's RMS moved per evaluation, and its default, 0.05, is ours (chosen on the
+  reference models, bench/elucd_quality.py; the paper's 0.004 moves x_t and is too small on a clean estimate);
+- the classifier reads the decoded image clipped to 0..1 (the DDPM sampler clips x̂0 to [-1, 1]) and the
+  gradient passes the clip; Softplus replaces the scorer's ReLUs only (the digit oracle's max-pooling stays);
+- the cost is not the paper's "barely any": in a latent model every guided evaluation decodes the estimate with the
+  VAE and backpropagates through the decoder, which on the reference models costs several model evaluations;
 - a scorer made of several classifiers (the digit scorer: the digit oracle and the colour palette) is calibrated
   term by term, and the terms' calibrated log-probabilities are summed; a scorer that gives only its score is
   calibrated as a two-class classifier (its log p and log(1 - p)).

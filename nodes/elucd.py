@@ -68,6 +68,9 @@ class TrainFreeEluCD(ModelPatchNode):
     def patch(self, model, scorer, vae, scale, joint_temperature, marginal_temperature, softplus_beta, schedule,
               gamma, start_percent, end_percent):
         check_inputs(scorer, vae, schedule, start_percent, end_percent)
+        if host.model_family(model) == "wan":
+            raise host.UnsupportedModel(f"{TITLE}: the scorer reads images, and this is a video model "
+                                        f"({host.FAMILY_NAMES['wan']}); EluCD serves SD1.5, SDXL, SD3 and Flux")
         m = model.clone()
         if scale == 0:
             return (m,)
