@@ -12,9 +12,10 @@ W of --cfgs:
 - ``cfg_W``: plain CFG, --steps steps.
 - ``elucd_S_cfg_W``: CFG + EluCD at scale S with TrainFreeDigitScorer(caption) and the paper's calibration (joint
   temperature 1, marginal 0.5, Softplus beta 3, the EDM schedule with gamma 0.3), --steps steps.
-- ``cfg_W_equal_time``: plain CFG with the steps EluCD's seconds per image buy (--steps * EluCD's s/image / cfg_W's
-  s/image, rounded; the fastest EluCD row counts, since every scale does the same work): cost equalised by wall time
-  on this machine, the same model, sampler and batch.
+- ``cfg_W_equal_time``: plain CFG with the steps EluCD's seconds per image buy: cost equalised by wall time on this
+  machine, the same model, sampler and batch. A row's seconds are a fixed part (prompts, the final decode) plus a
+  part per step, read off ``cfg_W`` and a 2-step probe row (kept in the JSON's "probes"); the fastest EluCD row
+  counts, since every scale does the same work.
 
 The scorer's digit term is the network of the oracle that scores digit adherence, and its colour term reads the ink's
 hue as the colour adherence does, so EluCD's digit / colour adherence and mean score are circular: they show that the
@@ -37,6 +38,7 @@ from training import digits
 
 OUT = os.path.join(comfy_host.PACK_DIR, "bench", "output", "elucd_quality")
 SCHEDULERS = {"sd15": "normal", "flux": "simple"}
+PROBE_STEPS = 2  # a short plain row that measures what a row costs besides its steps
 
 
 def graph(model, captions, per_prompt, cfg, scale, steps, seed):
@@ -90,18 +92,28 @@ def run_model(model, args):
     reference = quality.real_features(judge_net, lambda: pack_nodes.TrainFreeReferenceModel().load(
         quality.MODELS[model])[2], OUT, model)
     run_row(model, args, captions[:1], judge_net, reference, "warm_up", 1.0, None, 2)  # load off the clock
-    rows = []
+    rows, probes = [], []
     for cfg in args.cfgs:
         plain = run_row(model, args, captions, judge_net, reference, f"cfg_{cfg:g}", cfg, None, args.steps)
         guided = [run_row(model, args, captions, judge_net, reference, f"elucd_{scale:g}_cfg_{cfg:g}", cfg, scale,
                           args.steps) for scale in args.scales]
         # every scale does the same work; the fastest row is the least disturbed by other loads on the machine
         cost = min(r["seconds_per_image"] for r in guided)
-        equal_steps = max(args.steps, round(args.steps * cost / plain["seconds_per_image"]))
+        probe = run_row(model, args, captions, judge_net, reference, f"cfg_{cfg:g}_probe", cfg, None, PROBE_STEPS)
+        equal_steps = equal_time_steps(plain, probe, cost)
         rows += [plain, *guided, run_row(model, args, captions, judge_net, reference, f"cfg_{cfg:g}_equal_time", cfg,
                                          None, equal_steps)]
+        probes.append(probe)
     return {"model": model, "steps": args.steps, "prompts": args.prompts, "per_prompt": args.per_prompt,
-            "threads": args.threads, "rows": rows}
+            "threads": args.threads, "rows": rows, "probes": probes}
+
+
+def equal_time_steps(plain, probe, seconds):
+    """The steps at which plain CFG takes ``seconds`` per image: a row's time is a fixed part (prompts, the final
+    decode, scoring) plus a part per step, both read off the --steps row and a PROBE_STEPS row."""
+    per_step = (plain["seconds_per_image"] - probe["seconds_per_image"]) / (plain["steps"] - probe["steps"])
+    fixed = plain["seconds_per_image"] - per_step * plain["steps"]
+    return max(plain["steps"], round((seconds - fixed) / per_step))
 
 
 def table(result):
