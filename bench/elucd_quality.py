@@ -78,10 +78,12 @@ def run_row(model, args, captions, judge_net, reference, name, cfg, scale, steps
            "model_rows_per_image": sum(_rows_seen) / len(images),
            "mean_score": mean_score(images, captions, args.per_prompt),
            **quality.score(images, captions, args.per_prompt, judge_net, reference)}
-    os.makedirs(args.grid_dir or args.out_dir, exist_ok=True)
-    quality.save_grid(images, args.per_prompt, os.path.join(args.grid_dir or args.out_dir, f"elucd_{model}_{name}.png"))
     print(f"{model} {quality.format_row(row)}  score {row['mean_score']:.3f}  steps {steps}  "
           f"rows/img {row['model_rows_per_image']:.0f}", flush=True)
+    if name != "warm_up" and not name.endswith("_probe"):  # timing rows get no grid
+        os.makedirs(args.grid_dir or args.out_dir, exist_ok=True)
+        quality.save_grid(images, args.per_prompt,
+                          os.path.join(args.grid_dir or args.out_dir, f"elucd_{model}_{name}.png"))
     return row
 
 
