@@ -55,6 +55,17 @@ class DigitOracle(torch.nn.Module):
         return self.classify_prepared(self.prepare(images))
 
 
+def network_logits(network, images):
+    """``network(images)``; when autograd is recording and the weights are inference tensors (a node loaded them
+    under ComfyUI's inference mode), with ordinary copies of them, so that the logits can be differentiated."""
+    if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+        return network(images)
+    state = {**dict(network.named_parameters()), **dict(network.named_buffers())}
+    if not any(t.is_inference() for t in state.values()):
+        return network(images)
+    return torch.func.functional_call(network, {k: v.clone() for k, v in state.items()}, (images,))
+
+
 def load(path=WEIGHTS):
     from safetensors.torch import load_file
     oracle = DigitOracle()

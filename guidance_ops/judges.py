@@ -7,7 +7,7 @@ A judge reads either pixels (the estimate decoded by the VAE, [B, 3, H, W] in 0.
 import torch
 
 from . import diffusion_classifier as dc
-from .digit_oracle import DIGITS
+from .digit_oracle import DIGITS, network_logits
 from .digit_oracle import load as load_digit_oracle
 
 
@@ -30,9 +30,11 @@ class DigitOracleJudge(Judge):
     def __init__(self):
         self.network = load_digit_oracle()
 
+    def logits(self, pixels):
+        return network_logits(self.network.to(pixels.device), pixels.float()).float()
+
     def log_probs(self, pixels):
-        network = self.network.to(pixels.device)
-        return torch.log_softmax(network(pixels.float()).float(), dim=1)
+        return torch.log_softmax(self.logits(pixels), dim=1)
 
 
 class PromptJudge(Judge):

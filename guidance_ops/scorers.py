@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import judges
-from .digit_oracle import COLOURS, DIGITS, ink_map
+from .digit_oracle import COLOURS, DIGITS, ink_map, network_logits
 from .digit_oracle import load as load_digit_oracle
 
 # Chromaticity cosines lie in [-1, 1]; at 0.1 a colour 20 degrees of hue away from the prompted one costs about
@@ -62,12 +62,17 @@ def foreground_colour(images, threshold=INK_THRESHOLD):
     return torch.where(total > 0, mean, images.mean(dim=(2, 3)))
 
 
-def colour_log_probs(rgb, temperature=COLOUR_TEMPERATURE):
-    """``[B, len(COLOURS)]``: log-softmax over the palette of the cosine between chromaticities (RGB with the grey
-    level taken out), divided by ``temperature``."""
+def colour_logits(rgb, temperature=COLOUR_TEMPERATURE):
+    """``[B, len(COLOURS)]``: the cosine between chromaticities (RGB with the grey level taken out) of the ink and
+    each palette colour, divided by ``temperature``."""
     palette = torch.tensor(list(COLOURS.values()), dtype=rgb.dtype, device=rgb.device)
     centred = lambda x: F.normalize(x - x.mean(dim=-1, keepdim=True), dim=-1)  # noqa: E731
-    return torch.log_softmax(centred(rgb) @ centred(palette).T / temperature, dim=1)
+    return centred(rgb) @ centred(palette).T / temperature
+
+
+def colour_log_probs(rgb, temperature=COLOUR_TEMPERATURE):
+    """``[B, len(COLOURS)]``: log-softmax over the palette of ``colour_logits``."""
+    return torch.log_softmax(colour_logits(rgb, temperature), dim=1)
 
 
 class DigitColourScorer(Scorer):
@@ -84,10 +89,21 @@ class DigitColourScorer(Scorer):
         total = pixels.new_zeros(pixels.shape[0])
         if self.digit is not None:
             network = self.network.to(pixels.device)
-            total = total + torch.log_softmax(network(pixels), dim=1)[:, self.digit]
+            total = total + torch.log_softmax(network_logits(network, pixels), dim=1)[:, self.digit]
         if self.colour is not None:
             total = total + colour_log_probs(foreground_colour(pixels))[:, list(COLOURS).index(self.colour)]
         return total
+
+    def logit_terms(self, pixels):
+        """The classifiers the score sums, as ``[(logits [B, K], target index)]`` (classifier guidance calibrates
+        each); the score is the sum of their log-softmax at the target."""
+        pixels = pixels.float()
+        terms = []
+        if self.digit is not None:
+            terms.append((network_logits(self.network.to(pixels.device), pixels).float(), self.digit))
+        if self.colour is not None:
+            terms.append((colour_logits(foreground_colour(pixels)), list(COLOURS).index(self.colour)))
+        return terms
 
     def describe(self):
         parts = [f"digit {DIGITS[self.digit]}"] if self.digit is not None else []
@@ -109,6 +125,12 @@ class JudgeScorer(Scorer):
 
     def score(self, pixels):
         return self.judge.log_probs(pixels)[:, self.target]
+
+    def logit_terms(self, pixels):
+        """The judge's logits where it has them, else its log-probabilities (its logits up to one constant per
+        image)."""
+        logits = getattr(self.judge, "logits", None)
+        return [((logits or self.judge.log_probs)(pixels), self.target)]
 
     def describe(self):
         return f"{type(self.judge).__name__}: {self.judge.labels[self.target]}"

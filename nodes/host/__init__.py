@@ -22,6 +22,7 @@
 - ``feature_cache``: features kept across sampling steps and reused (DeepCache on UNets, block caching on DiTs);
 - ``gradients``: gradients through the model despite ComfyUI's inference mode (null-text inversion);
 - ``pixel_loss``: latents decoded to pixels with gradients through the VAE (the restorers' measurement loss);
+- ``scorer_guidance``: a scorer's gradient with respect to a clean estimate, through the VAE decoder (EluCD);
 - ``restoration``: restoration by optimising the latent against a measurement (RED-diff) as a SAMPLER;
 - ``steering``: Steered Diffusion's sampler (each step's clean estimate corrected by the measurement loss);
 - ``dpm_encoder``: CycleDiffusion's DPM latents (which ComfyUI sampler a SAMPLER runs, their replay as a SAMPLER,
@@ -56,6 +57,7 @@ from .evaluation import (add_extra_cond_pass, add_guidance_delta, add_post_cfg, 
                          run_conditioning, uncond_pass_runs)
 from .gradients import differentiating, trainable
 from .pixel_loss import PixelDecoder
+from .scorer_guidance import ScorerGradient
 from .restoration import RestorationError, red_diff_sampler
 from .restoration import Settings as RedDiffSettings
 from .steering import steered_sampler

@@ -26,6 +26,7 @@ NEUTRAL = {"TrainFreePAG": {"scale": 0.0},
            "TrainFreeBlockCache": {"cache_interval": 1, "schedule": "uniform", "cache_schedule": None},
            "TrainFreeAdaptiveGuidance": {"threshold": 1.0},
            "TrainFreeGFCG": {"scale": 0.0},
+           "TrainFreeEluCD": {"scale": 0.0},
            "TrainFreeDynamicCFG": {"start_percent": 1.0, "end_percent": 1.0},
            "TrainFreeNASA": {"alpha": 0.0},
            "TrainFreeREDDiff": {"lambda": 0.0, "observation_weight": 0.0}}  # the start latent, unmoved
@@ -183,7 +184,7 @@ def has_patch(path):
                              "TrainFreeNoiseDampedCFG", "TrainFreeResidualCFG", "TrainFreeTwoModelGuidance",
                              "TrainFreeScaleCrafter", "TrainFreeDeepCache", "TrainFreeBlockCache",
                              "TrainFreeAdaptiveGuidance", "TrainFreeLinearAG", "TrainFreeGFCG", "TrainFreeNASA",
-                             "TrainFreeDynamicCFG")
+                             "TrainFreeDynamicCFG", "TrainFreeEluCD")
                for n in json.load(open(path))["nodes"])
 
 
