@@ -166,8 +166,8 @@ def to_test_prompt(path, max_size=128, max_steps=4):
             node["inputs"]["steps"] = min(node["inputs"]["steps"], max_steps)
     for node in _each(prompt, SEARCH_NODES):
         node["inputs"].update(capped_search(node["inputs"], max_size, max_steps))
-    for node in _each(prompt, BUDGET_NODES):  # searches: at most three paths' worth of the capped steps
-        node["inputs"]["budget"] = min(node["inputs"]["budget"], 3 * max_steps * node["inputs"].get("beams", 1))
+    for node in _each(prompt, BUDGET_NODES):  # searches: at most six paths' worth of the capped steps
+        node["inputs"]["budget"] = min(node["inputs"]["budget"], 6 * max_steps * node["inputs"].get("beams", 1))
     for node in _each(prompt, CALIBRATION_NODES):
         node["inputs"].update(capped_calibration(node["inputs"], max_size, None if steps_fixed else max_steps))
     for node in _each(prompt, ("TrainFreeFlowOpt",)):  # it regenerates at most the schedule's steps
