@@ -34,8 +34,8 @@ class TrainFreeDiffusionTreeSampling:
                                  "greedier; 0: plain mean values and uniform selection."}),
             "max_children": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip":
                                      "Branches per node (and initial noises under the root) before the search "
-                                     "descends past it (ours: the paper tunes it per task). 1: paths never branch "
-                                     "after the first."}),
+                                     "descends past it (ours: the paper tunes it per task). 1: the first path only "
+                                     "(ordinary sampling)."}),
         }}
 
     def build(self, scorer, vae, budget, mode, max_children, **inputs):
