@@ -53,7 +53,8 @@ def run(model, prompts=3, seeds=1, out=sq.OUT):
                 comfy_host.execute_prompt(build(model, text, 1000 * i + s, f"{i}|{s}"))
                 seconds += time.perf_counter() - started
                 image = quality._collected[f"{i}|{s}"].permute(0, 3, 1, 2).float().clamp(0, 1)
-                scores.append(float(scorers.DigitColourScorer(text).score(image)[0]))
+                with torch.no_grad():
+                    scores.append(float(scorers.DigitColourScorer(text).score(image)[0]))
         count = len(texts) * seeds
         rows[name] = {"seconds_per_image": seconds / count, "score": sum(scores) / count, "scores": scores}
     base = rows["single_path"]
