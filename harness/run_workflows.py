@@ -30,6 +30,7 @@ EDIT_NODES = ("TrainFreeSampleFromInversion", "TrainFreePromptToPrompt", "TrainF
 CASCADE_NODES = ("TrainFreeFreCaS",)  # plan a cascade for SamplerCustomAdvanced: sizes and stage steps are capped
 SCALECRAFTER = "TrainFreeScaleCrafter"
 SEARCH_NODES = ("TrainFreeCacheScheduleSearch",)  # sample like the workflow's KSampler: size and steps follow it
+BUDGET_NODES = ("TrainFreeDiffusionTreeSampling", "TrainFreeLatentBeamSearch", "TrainFreeBestOfN")  # budget capped
 CALIBRATION_NODES = ("TrainFreeLinearAGCalibrate",)  # likewise: a calibration holds for one step count
 SCHEDULE_LOADERS = ("TrainFreeLoadCacheSchedule",)  # a loaded schedule is for its step count: steps stay as saved
 CLASSIFIER_NODES = ("TrainFreeDiffusionClassifier",)  # analyse an image: no sampler; the plan is capped
@@ -165,6 +166,8 @@ def to_test_prompt(path, max_size=128, max_steps=4):
             node["inputs"]["steps"] = min(node["inputs"]["steps"], max_steps)
     for node in _each(prompt, SEARCH_NODES):
         node["inputs"].update(capped_search(node["inputs"], max_size, max_steps))
+    for node in _each(prompt, BUDGET_NODES):  # searches: at most six paths' worth of the capped steps
+        node["inputs"]["budget"] = min(node["inputs"]["budget"], 6 * max_steps * node["inputs"].get("beams", 1))
     for node in _each(prompt, CALIBRATION_NODES):
         node["inputs"].update(capped_calibration(node["inputs"], max_size, None if steps_fixed else max_steps))
     for node in _each(prompt, ("TrainFreeFlowOpt",)):  # it regenerates at most the schedule's steps

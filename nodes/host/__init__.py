@@ -25,6 +25,8 @@
 - ``scorer_guidance``: a scorer's gradient with respect to a clean estimate, through the VAE decoder (EluCD);
 - ``restoration``: restoration by optimising the latent against a measurement (RED-diff) as a SAMPLER;
 - ``steering``: Steered Diffusion's sampler (each step's clean estimate corrected by the measurement loss);
+- ``search``: inference-time search over Euler ancestral paths scored by a scorer (tree sampling, latent beam
+  search, best-of-N) as SAMPLERs;
 - ``dpm_encoder``: CycleDiffusion's DPM latents (which ComfyUI sampler a SAMPLER runs, their replay as a SAMPLER,
   their files);
 - ``inversion_store``: inversions as files in ComfyUI's folders, and the model fingerprint they carry;
@@ -61,6 +63,7 @@ from .scorer_guidance import ScorerGradient
 from .restoration import RestorationError, red_diff_sampler
 from .restoration import Settings as RedDiffSettings
 from .steering import steered_sampler
+from .search import SearchError, minimum_budget, search_sampler
 from .dpm_encoder import DPM_SUBFOLDER, flow_noise_scale, identify_sampler, replay_sampler
 from .dpm_encoder import file_stamp as dpm_latent_file_stamp
 from .dpm_encoder import load as load_dpm_latent

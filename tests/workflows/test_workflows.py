@@ -235,10 +235,19 @@ def steered_counterparts(inputs):
     return "euler", {"strength": 0.0}, "euler"
 
 
+def search_counterparts(inputs):
+    """A search against the Euler ancestral paths it searches over, and with a budget of one path (one beam) equal
+    to it; the test prompt's schedule has run_workflows.to_test_prompt's 4 steps."""
+    return "euler_ancestral", {"budget": 4, **({"beams": 1} if "beams" in inputs else {})}, "euler_ancestral"
+
+
 # node type -> its inputs -> (the core sampler it modifies, settings under which it is a core sampler, that sampler)
 SAMPLER_COUNTERPARTS = {"TrainFreeCFGPPSampler": cfgpp_counterparts,
                         "TrainFreeMomentumSampler": momentum_counterparts,
-                        "TrainFreeSteeredDiffusion": steered_counterparts}
+                        "TrainFreeSteeredDiffusion": steered_counterparts,
+                        "TrainFreeDiffusionTreeSampling": search_counterparts,
+                        "TrainFreeLatentBeamSearch": search_counterparts,
+                        "TrainFreeBestOfN": search_counterparts}
 
 
 def with_core_sampler(prompt, key, name):
