@@ -4,7 +4,8 @@ model, prompts and seeds, the models loaded once, timed per image.
     python -m bench.search_speed --model sd15 --out docs/bench
 
 Rows: a single Euler ancestral path (the reference), then best-of-N, Diffusion Tree Sampling (DTS*) and Latent Beam
-Search at ``PATHS`` paths' worth of model evaluations (``bench.search_quality``'s graph and settings). Per row: seconds
+Search at ``PATHS`` paths' worth of model evaluations (``bench.search_quality``'s graph and settings), and EluCD on
+one path (its default scale, climbing the same scorer's gradient). Per row: seconds
 per image, the mean Digit Scorer score (a log-probability, 0 = perfect), its gain over the single path and that
 gain per second of sampling; the ratios are against best-of-N's gain per second (> 1: the method buys score faster).
 Other techniques join by adding a row to ``ROWS``: a function (model, caption, seed, key) -> API prompt that ends in
@@ -30,12 +31,25 @@ def search_row(method, paths):
     return lambda model, caption, seed, key: sq.image_prompt(model, caption, seed, method, paths, key)
 
 
+def elucd_row(model, caption, seed, key):
+    """One Euler ancestral path (the single path's graph) on the model patched by EluCD at its defaults, climbing
+    the Digit Scorer of the caption: no extra model evaluation, one VAE decode and backward pass per step."""
+    nodes = sq.image_prompt(model, caption, seed, "best_of_n", 1, key)
+    counted = next(n for n in nodes.values() if n["class_type"] == "HarnessCountRows")
+    scorer = next(k for k, n in nodes.items() if n["class_type"] == "TrainFreeDigitScorer")
+    nodes["elucd"] = {"class_type": "TrainFreeEluCD", "inputs": {
+        "model": counted["inputs"]["model"], "scorer": [scorer, 0], "vae": ["model", 2], "scale": 0.05,
+        "joint_temperature": 1.0, "marginal_temperature": 0.5, "softplus_beta": 3.0,
+        "schedule": "linear decay + sine (EDM)", "gamma": 0.3, "start_percent": 0.0, "end_percent": 1.0}}
+    counted["inputs"]["model"] = ["elucd", 0]
+    return nodes
+
+
 ROWS = {"single_path": search_row("best_of_n", 1),
         "best_of_n": search_row("best_of_n", PATHS),
         "tree_dts_star": search_row("tree_dts_star", PATHS),
         "beam": search_row("beam", PATHS),
-        # EluCD (classifier guidance at about one path's cost): the main session adds its row here
-        }
+        "elucd": elucd_row}
 
 
 def run(model, prompts=3, seeds=1, out=sq.OUT):

@@ -3,8 +3,8 @@ followed by every inversion node (inversion, null-text, prompt-to-prompt, save /
 Flux-class model, whose sampler runs through the DiT block cache), a FreCaS cascade on the stacked model, and the
 cache schedule nodes (a schedule searched, and one loaded, each sampled through DeepCache), the pack's samplers,
 LinearAG (calibrated, then sampled with the calibration), the Diffusion Classifier (on the sampled image),
-GFCG steered by each judge and CycleDiffusion (a DPM-Encoder's latent saved, the example workflows' one loaded and
-translated).
+GFCG steered by each judge, CycleDiffusion (a DPM-Encoder's latent saved, the example workflows' one loaded and
+translated), and steering by a scorer (EluCD, tree sampling, beam search, best-of-N).
 
 The patches and their settings come from the server's /object_info (defaults), so a new MODEL -> MODEL node joins
 the stack, and the bad-input table, by itself. A second model input (guide, weak model) gets a second copy of the
@@ -22,6 +22,8 @@ DIT_PATCHES = ("TrainFreeBlockCache",)
 CALIBRATED_PATCHES = ("TrainFreeLinearAG",)
 # Patches steered by a judge, whose passes multiply a run's cost: they act in the judge chain.
 JUDGED_PATCHES = ("TrainFreeGFCG", "TrainFreeDynamicCFG")
+# Patches that climb a scorer (they need one, and the VAE): they act in the scorer chain.
+SCORED_PATCHES = ("TrainFreeEluCD",)
 LOADED_SCHEDULE = "deepcache_sd15_reference_00001.json"  # workflows/input/cache_schedules: 25 steps, branch 0
 LOADED_SCHEDULE_STEPS = 25
 INVERSION_NODES = ("TrainFreeInvert", "TrainFreeNullTextInversion", "TrainFreePromptToPrompt", "TrainFreeSaveInversion",
@@ -33,15 +35,17 @@ CLASSIFIER_NODES = ("TrainFreeDiffusionClassifier",)
 JUDGE_NODES = ("TrainFreeDigitOracleJudge", "TrainFreePromptJudge", "TrainFreeCLIPJudge") + JUDGED_PATCHES
 RESTORATION_NODES = ("TrainFreeDegrade", "TrainFreeMeasurement", "TrainFreeREDDiff",
                      "TrainFreeSteeredDiffusion")
+SCORER_NODES = ("TrainFreeDigitScorer", "TrainFreeJudgeScorer", "TrainFreeDiffusionTreeSampling",
+                "TrainFreeLatentBeamSearch", "TrainFreeBestOfN") + SCORED_PATCHES
 CYCLE_NODES = ("TrainFreeDPMEncoder", "TrainFreeSaveDPMLatent", "TrainFreeLoadDPMLatent",
                "TrainFreeCycleDiffusionSampler")
 LOADED_DPM_LATENT = "trainfree_red_seven_00001.safetensors"  # workflows/input/dpm_latents (cycle_diffusion_sd15)
 # the nodes the chains ``inversion=True`` adds hold
 CHAIN_NODES = (INVERSION_NODES + ("TrainFreeFreCaS",) + DIT_PATCHES + CACHE_NODES + SAMPLER_NODES + LINEAR_AG_NODES
-               + CLASSIFIER_NODES + JUDGE_NODES + RESTORATION_NODES + CYCLE_NODES)
+               + CLASSIFIER_NODES + JUDGE_NODES + RESTORATION_NODES + CYCLE_NODES + SCORER_NODES)
 # the decoded images of those chains (and the classifier's chart)
 CHAIN_IMAGES = ("87", "88", "79", "65", "56", "57", "38", "39", "34", "26", "105", "131", "138", "148",
-                "129")
+                "129", "153", "158", "161", "164")
 CHAIN_IMAGE_SLOTS = {"26": 2, "131": 1}  # output slots of those images other than 0: the classifier's chart, the
 # measurement's start image
 
@@ -51,7 +55,7 @@ def patch_nodes(object_info):
     return [name for name, info in object_info.items()
             if name.startswith("TrainFree") and list(info["output"]) == ["MODEL"]
             and info["input"]["required"].get("model", [None])[0] == "MODEL"
-            and name not in DIT_PATCHES + CALIBRATED_PATCHES + JUDGED_PATCHES]
+            and name not in DIT_PATCHES + CALIBRATED_PATCHES + JUDGED_PATCHES + SCORED_PATCHES]
 
 
 def patch_inputs(object_info, name):
@@ -101,6 +105,7 @@ def stack_prompt(object_info, patches=None, width=128, height=128, batch=1, step
         prompt.update(judge_chain(caption, steps, seed))
         prompt.update(restoration_chain())
         prompt.update(cycle_chain(steps))
+        prompt.update(scorer_chain(caption, seed))
     return {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in prompt.items()}
 
 
@@ -394,3 +399,49 @@ def cycle_chain(steps):
         "129": {"class_type": "VAEDecode", "inputs": {"samples": ["128", 0], "vae": ["1", 2]}},
         "126": {"class_type": "SaveImage", "inputs": {"images": ["129", 0], "filename_prefix": "trainfree_cycle"}},
     }
+
+
+def scorer_chain(caption, seed):
+    """Steering by a scorer on the reference model, 3 steps: EluCD climbing the Digit Scorer of the caption
+    (decoded as node "153"); tree sampling (2 paths' budget) and best-of-N (2 paths) with the Digit Scorer, and beam
+    search (2 beams, 2 candidates, lookahead 2) with a Judge Scorer of the digit oracle, through SamplerCustomAdvanced
+    on the stack's latent (decoded as "158", "161", "164")."""
+    steps, digit = 3, caption.split()[3]
+    search = {"TrainFreeDiffusionTreeSampling": {"scorer": ["150", 0], "budget": 2 * steps, "mode": "search (DTS*)",
+                                                 "lambda": 1.0, "max_children": 2},
+              "TrainFreeLatentBeamSearch": {"scorer": ["152", 0], "budget": 4 * steps, "beams": 2, "candidates": 2,
+                                            "lookahead": 2},
+              "TrainFreeBestOfN": {"scorer": ["150", 0], "budget": 2 * steps}}
+    prompt = {
+        "150": {"class_type": "TrainFreeDigitScorer", "inputs": {"prompt": caption}},
+        "151": {"class_type": "TrainFreeDigitOracleJudge", "inputs": {}},
+        "152": {"class_type": "TrainFreeJudgeScorer", "inputs": {"judge": ["151", 0], "target": digit}},
+        "154": {"class_type": "TrainFreeEluCD", "inputs": {
+            "model": ["1", 0], "scorer": ["150", 0], "vae": ["1", 2], "scale": 0.05, "joint_temperature": 1.0,
+            "marginal_temperature": 0.5, "softplus_beta": 3.0, "schedule": "linear decay + sine (EDM)",
+            "gamma": 0.3, "start_percent": 0.0, "end_percent": 1.0}},
+        "155": {"class_type": "KSampler", "inputs": {
+            "model": ["154", 0], "seed": 7, "steps": steps, "cfg": 3.0, "sampler_name": "euler",
+            "scheduler": "normal", "positive": ["90", 0], "negative": ["91", 0], "latent_image": ["92", 0],
+            "denoise": 1.0}},
+        "153": {"class_type": "VAEDecode", "inputs": {"samples": ["155", 0], "vae": ["1", 2]}},
+        "156": {"class_type": "SaveImage", "inputs": {"images": ["153", 0], "filename_prefix": "trainfree_elucd"}},
+        "165": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "normal", "steps": steps,
+                                                           "denoise": 1.0}},
+        "166": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
+        "167": {"class_type": "CFGGuider", "inputs": {"model": ["1", 0], "positive": ["90", 0], "negative": ["91", 0],
+                                                      "cfg": 3.0}},
+    }
+    for (node, inputs), (sampler_id, run_id, image_id, save_id) in zip(
+            search.items(), [("157", "168", "158", "170"), ("160", "169", "161", "171"),
+                             ("163", "172", "164", "173")]):
+        prompt.update({
+            sampler_id: {"class_type": node, "inputs": {**inputs, "vae": ["1", 2]}},
+            run_id: {"class_type": "SamplerCustomAdvanced", "inputs": {
+                "noise": ["166", 0], "guider": ["167", 0], "sampler": [sampler_id, 0], "sigmas": ["165", 0],
+                "latent_image": ["92", 0]}},
+            image_id: {"class_type": "VAEDecode", "inputs": {"samples": [run_id, 0], "vae": ["1", 2]}},
+            save_id: {"class_type": "SaveImage", "inputs": {"images": [image_id, 0],
+                                                            "filename_prefix": "trainfree_search"}},
+        })
+    return prompt

@@ -12,7 +12,8 @@ from tests.server.conftest import SERVER_ARGS, pixels
 from tests.server.stack import CHAIN_NODES, LOADED_SCHEDULE_STEPS, patch_nodes, stack_prompt
 
 # Words with which our messages tell the user what to do.
-FIX_WORDS = ("enter", "use", "connect", "swap", "name", "write", "make", "choose", "put", "must", "reinstall")
+FIX_WORDS = ("enter", "use", "connect", "swap", "name", "write", "make", "choose", "put", "must", "reinstall",
+             "raise")
 
 
 def _number_cases(object_info, node):
@@ -71,6 +72,10 @@ def _cases(object_info):
            "execution", "noise_level")
     yield ("p2p-source-text-differs", "TrainFreePromptToPrompt", {"source_text": "a digit"}, "execution",
            "source_text")
+    yield ("digit-scorer-prompt-without-digit-or-colour", "TrainFreeDigitScorer", {"prompt": "a photo of a cat"},
+           "execution", "prompt")
+    yield ("search-budget-below-one-path", "TrainFreeBestOfN", {"budget": 2}, "execution", "budget")
+    yield ("beam-budget-below-one-path-per-beam", "TrainFreeLatentBeamSearch", {"budget": 5}, "execution", "budget")
     yield ("dpm-encoder-deterministic-sampler", "TrainFreeDPMEncoder", {"sampler": ["60", 0]}, "execution",
            "sampler")  # the cascade chain's KSamplerSelect: euler
 
