@@ -83,7 +83,7 @@ class TrainFreeEluCD(ModelPatchNode):
         def start(guider, noise, latent_image, sampler, sigmas, *_, **__):
             sigma_start, sigma_end = host.sigma_window(guider.model_patcher, start_percent, end_percent)
             return SimpleNamespace(sigma_start=sigma_start, sigma_end=sigma_end, sigmas=[float(s) for s in sigmas],
-                                   gradients=host.ScorerGradient(vae, guider.model_patcher, TITLE), evaluations=0,
+                                   gradients=host.ScorerGradient(vae, guider, TITLE), evaluations=0,
                                    guided=0, seconds=0.0, first=None, last=None, weights=[])
 
         def post_cfg(args):

@@ -16,6 +16,7 @@ import comfy.samplers
 from ...guidance_ops import frecas
 from .attention import chain_unet_replace_in
 from .family import attention_layers, is_flow_model, model_sampling
+from .pixel_loss import reload_sampled_models
 from .runs import SIDE_PASS
 
 log = logging.getLogger("trainfree")
@@ -140,8 +141,7 @@ class _Run:
         factor = pixels.shape[1] // x0.shape[-2]
         up = F.interpolate(pixels.movedim(-1, 1), size=(size[0] * factor, size[1] * factor), mode="nearest")
         latent = vae.encode(up.movedim(1, -1)[..., :3])
-        # the VAE may have pushed the diffusion model off the device to fit; bring it back before sampling on
-        comfy.model_management.load_models_gpu([self.guider.model_patcher] + list(self.guider.loaded_models))
+        reload_sampled_models(self.guider)
         return self.base.process_latent_in(latent.to(x0.device, x0.dtype))
 
     def _options(self, stage):

@@ -13,6 +13,12 @@ import comfy.model_management
 from .gradients import trainable
 
 
+def reload_sampled_models(guider):
+    """A decode inside a sampling run loads the VAE, which may push the diffusion model (and the guider's other
+    models) off the device to fit: load them again before the next model evaluation."""
+    comfy.model_management.load_models_gpu([guider.model_patcher] + list(getattr(guider, "loaded_models", None) or []))
+
+
 class PixelDecoder:
     """``decode(x)``: the image (B, H, W, C, about [0, 1], not clamped so that gradients pass) of ``x``, a latent
     in ``model``'s sampling space (as a sampler holds it)."""

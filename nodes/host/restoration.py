@@ -14,7 +14,7 @@ import comfy.samplers
 from ...guidance_ops import red_diff
 from .family import FAMILY_NAMES, model_family
 from .gradients import differentiating
-from .pixel_loss import PixelDecoder
+from .pixel_loss import PixelDecoder, reload_sampled_models
 from .runs import check_latent
 from .samplers import alpha_function
 
@@ -154,8 +154,7 @@ class _Run:
 
     def _reload_model(self):
         """The VAE may have pushed the diffusion model off the device to fit: bring it back for the next iteration."""
-        guider = self.model.inner_model
-        comfy.model_management.load_models_gpu([guider.model_patcher] + list(getattr(guider, "loaded_models", [])))
+        reload_sampled_models(self.model.inner_model)
 
     def report(self):
         family = FAMILY_NAMES.get(model_family(self.patcher), type(self.patcher.model.diffusion_model).__name__)

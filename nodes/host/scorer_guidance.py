@@ -4,15 +4,16 @@ clone hands the decoder ordinary copies of its inference-mode weights), the scor
 gradient comes back to the latent. The diffusion model is never differentiated."""
 import torch
 
-from .pixel_loss import PixelDecoder
+from .pixel_loss import PixelDecoder, reload_sampled_models
 
 
 class ScorerGradient:
     """Per run: ``gradient(denoised, objective) -> (gradient like denoised, objective values [B])`` where
     ``objective(pixels [B, 3, H, W] in 0..1) -> [B]``. Counts the decodes with a backward pass it made."""
 
-    def __init__(self, vae, model, title):
-        self.decoder = PixelDecoder(vae, model)
+    def __init__(self, vae, guider, title):
+        self.decoder = PixelDecoder(vae, guider.model_patcher)
+        self.guider = guider
         self.title = title
         self.passes = 0
 
@@ -29,4 +30,5 @@ class ScorerGradient:
             values = objective(pixels)
             (gradient,) = torch.autograd.grad(values.sum(), latent)
         self.passes += 1
+        reload_sampled_models(self.guider)
         return gradient.detach().to(denoised.dtype), values.detach()

@@ -21,6 +21,7 @@ import comfy.samplers
 from ...guidance_ops import search as ops
 from .family import is_flow_model, model_sampling
 from .judging import score_latents
+from .pixel_loss import reload_sampled_models
 from .runs import check_latent
 
 LOG = logging.getLogger("trainfree")
@@ -130,8 +131,7 @@ class _Run:
 
     def score(self, latents):
         scores = score_latents(self.patcher, self.vae, self.scorer, latents).cpu()
-        guider = self.model.inner_model  # the VAE may have pushed the diffusion model off the device
-        comfy.model_management.load_models_gpu([self.patcher] + list(getattr(guider, "loaded_models", [])))
+        reload_sampled_models(self.model.inner_model)
         return scores
 
     def _progress(self, states, denoised, i):

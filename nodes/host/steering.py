@@ -14,7 +14,7 @@ import comfy.samplers
 
 from ...guidance_ops import steered_diffusion as ops
 from .gradients import differentiating
-from .pixel_loss import PixelDecoder
+from .pixel_loss import PixelDecoder, reload_sampled_models
 from .sampling_loop import throw_if_interrupted
 
 LOG = logging.getLogger("trainfree")
@@ -65,6 +65,7 @@ def steered_sampler(measurement, vae, strength, iterations=1, title="TrainFree S
                     fixed, residual = ops.steer(x0[row:row + 1], residual_of(row), strength, iterations)
                     corrected.append(fixed)
                     first.append(ops.residual_rms(residual))
+            reload_sampled_models(model.inner_model)
             if stats["first"] is None:
                 stats["first"] = torch.cat(first).tolist()
             stats["steered"] += 1

@@ -195,7 +195,8 @@ def test_the_classifier_reads_the_image_clipped_and_the_gradient_passes_the_clip
     vae, model = vaes("sd15"), tiny("sd15")
     latent = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)) * 20  # pixels well outside 0..1
     objective = lambda p: -((p - 0.8) ** 2).mean(dim=(1, 2, 3))  # noqa: E731
-    gradient, values = host.ScorerGradient(vae, model, "EluCD").gradient(latent, objective)
+    import comfy.samplers
+    gradient, values = host.ScorerGradient(vae, comfy.samplers.CFGGuider(model), "EluCD").gradient(latent, objective)
     decoder = copy.deepcopy(vae.first_stage_model).double()
     with torch.inference_mode(False), torch.enable_grad():
         x0 = latent.double().requires_grad_(True)

@@ -105,7 +105,7 @@ def stack_prompt(object_info, patches=None, width=128, height=128, batch=1, step
         prompt.update(judge_chain(caption, steps, seed))
         prompt.update(restoration_chain())
         prompt.update(cycle_chain(steps))
-        prompt.update(scorer_chain(caption, seed))
+        prompt.update(scorer_chain(model, caption, seed))
     return {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in prompt.items()}
 
 
@@ -401,11 +401,15 @@ def cycle_chain(steps):
     }
 
 
-def scorer_chain(caption, seed):
-    """Steering by a scorer on the reference model, 3 steps: EluCD climbing the Digit Scorer of the caption
-    (decoded as node "153"); tree sampling (2 paths' budget) and best-of-N (2 paths) with the Digit Scorer, and beam
+def scorer_chain(model, caption, seed):
+    """Steering by a scorer, 3 steps: EluCD on the stacked model (every patch composed with it) climbing the Digit
+    Scorer of the caption (decoded as node "153"); on the reference model, tree sampling (2 paths' budget) and best-of-N (2 paths) with the Digit Scorer, and beam
     search (2 beams, 2 candidates, lookahead 2) with a Judge Scorer of the digit oracle, through SamplerCustomAdvanced
-    on the stack's latent (decoded as "158", "161", "164")."""
+    on the stack's latent (decoded as "158", "161", "164").
+
+    EluCD patches the stacked model, which is built anew in every run: a patched clone of the reference model that
+    ComfyUI's cache kept from run to run would gain a LoadedModel each time its sampler ran again (see
+    ``judge_chain``), the host's growth, which the leak test would charge to the pack."""
     steps, digit = 3, caption.split()[3]
     search = {"TrainFreeDiffusionTreeSampling": {"scorer": ["150", 0], "budget": 2 * steps, "mode": "search (DTS*)",
                                                  "lambda": 1.0, "max_children": 2},
@@ -417,7 +421,7 @@ def scorer_chain(caption, seed):
         "151": {"class_type": "TrainFreeDigitOracleJudge", "inputs": {}},
         "152": {"class_type": "TrainFreeJudgeScorer", "inputs": {"judge": ["151", 0], "target": digit}},
         "154": {"class_type": "TrainFreeEluCD", "inputs": {
-            "model": ["1", 0], "scorer": ["150", 0], "vae": ["1", 2], "scale": 0.05, "joint_temperature": 1.0,
+            "model": model, "scorer": ["150", 0], "vae": ["1", 2], "scale": 0.05, "joint_temperature": 1.0,
             "marginal_temperature": 0.5, "softplus_beta": 3.0, "schedule": "linear decay + sine (EDM)",
             "gamma": 0.3, "start_percent": 0.0, "end_percent": 1.0}},
         "155": {"class_type": "KSampler", "inputs": {
