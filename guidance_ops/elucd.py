@@ -40,6 +40,7 @@ What is ours (ComfyUI has no noisy-sample hook for a gradient, and our classifie
   term by term, and the terms' calibrated log-probabilities are summed; a scorer that gives only its score is
   calibrated as a two-class classifier (its log p and log(1 - p)).
 """
+import contextlib
 import math
 
 import torch
@@ -88,7 +89,6 @@ class SmoothReLU(torch.overrides.TorchFunctionMode):
 
 def smoothing(beta):
     """The context in which the classifier runs: Softplus(beta) for its ReLUs, or nothing for beta = inf."""
-    import contextlib
     if beta is None or math.isinf(beta):
         return contextlib.nullcontext()
     return SmoothReLU(beta)

@@ -26,11 +26,9 @@ class ScorerError(ValueError):
 
 
 class Scorer:
+    """The base of every scorer; each one defines ``score(pixels) -> [B]``."""
     differentiable = False
     reads = "pixels"
-
-    def score(self, pixels):
-        raise NotImplementedError
 
     def describe(self):
         return type(self).__name__

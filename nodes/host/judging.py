@@ -36,7 +36,7 @@ def judge_log_probs(model, judge, denoised, guider, key, model_options, vae=None
     """``[B, K]`` log-probabilities of the judge's labels for each row of ``denoised`` (model space, as the
     sampler's post-CFG arguments give it)."""
     if judge.reads == "pixels":
-        return judge.log_probs(decode(model, vae, denoised, type(judge).__name__))
+        return judge.log_probs(decode(model, vae, denoised, f"the judge ({type(judge).__name__})"))
     return _prompt_log_probs(model, judge, denoised, guider, f"{key}/judge", model_options)
 
 
@@ -44,14 +44,14 @@ def score_latents(model, vae, scorer, latents):
     """``[B]`` scores of finished (or clean-estimate) latents of the sampling space, decoded by the VAE; no
     gradients."""
     with torch.no_grad():
-        return scorer.score(decode(model, vae, latents, scorer.describe())).float()
+        return scorer.score(decode(model, vae, latents, f"the scorer ({scorer.describe()})")).float()
 
 
-def decode(model, vae, denoised, judge_name):
+def decode(model, vae, denoised, reader):
     if vae is None:
-        raise ValueError(f"the judge ({judge_name}) reads pixels: connect the model's VAE to the vae input")
+        raise ValueError(f"{reader} reads pixels: connect the model's VAE to the vae input")
     if denoised.ndim != 4:
-        raise ValueError(f"the judge ({judge_name}) reads images, but these latents have {denoised.ndim - 2} "
+        raise ValueError(f"{reader} reads images, but these latents have {denoised.ndim - 2} "
                          f"spatial dimensions (a video model); use a prompt judge")
     pixels = vae.decode(model.model.process_latent_out(denoised.float()))
     return pixels.to(denoised.device, torch.float32).movedim(-1, 1).clamp(0, 1)
